@@ -1,0 +1,39 @@
+"""Optimizer math over a job's flat buffers.
+
+`get_backend(device)` is the one place that chooses an implementation; every backend has
+`step(optimizer, layout, state, grad, active, hyper) -> stats`. `reference` is the NumPy
+ground truth the fast paths are tested against.
+"""
+from __future__ import annotations
+
+from optserve.kernels.layout import HYPER_KEYS, FlatLayout, FlatState
+
+__all__ = ["HYPER_KEYS", "FlatLayout", "FlatState", "get_backend", "available_devices"]
+
+
+def _cuda_available() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, or no device: all mean "no GPU here"
+        return False
+
+
+def available_devices() -> list[str]:
+    return (["cuda"] if _cuda_available() else []) + ["cpu", "reference"]
+
+
+def get_backend(device: str = "auto"):
+    """The backend module for `device`: auto (cuda if a GPU is visible, else cpu), cpu, cuda,
+    or reference (the NumPy ground truth, for debugging)."""
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    if device == "cpu":
+        from optserve.kernels import cpu
+        return cpu
+    if device == "reference":
+        from optserve.kernels import reference
+        return reference
+    if device == "cuda":
+        raise ValueError("the cuda backend is not built yet; use --device cpu")
+    raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or reference")

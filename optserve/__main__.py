@@ -1,0 +1,3 @@
+from optserve.cli import main
+
+raise SystemExit(main())

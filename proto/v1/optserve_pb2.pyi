@@ -1,0 +1,251 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+
+class WeightDecayMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_DECAY_LR: _ClassVar[WeightDecayMode]
+    WEIGHT_DECAY_SCHEDULE: _ClassVar[WeightDecayMode]
+    WEIGHT_DECAY_FIXED: _ClassVar[WeightDecayMode]
+
+class ConsistencyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SYNC: _ClassVar[ConsistencyMode]
+    ASYNC: _ClassVar[ConsistencyMode]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+BFLOAT16: DType
+FLOAT16: DType
+WEIGHT_DECAY_LR: WeightDecayMode
+WEIGHT_DECAY_SCHEDULE: WeightDecayMode
+WEIGHT_DECAY_FIXED: WeightDecayMode
+SYNC: ConsistencyMode
+ASYNC: ConsistencyMode
+
+class Hyperparameters(_message.Message):
+    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "weight_decay_mode", "initial_lr", "maximize", "amsgrad", "delta", "wd_ratio", "nesterov", "eps2", "clip_threshold", "decay_rate", "adafactor_beta1", "scale_parameter", "relative_step", "warmup_init")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_MODE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LR_FIELD_NUMBER: _ClassVar[int]
+    MAXIMIZE_FIELD_NUMBER: _ClassVar[int]
+    AMSGRAD_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    WD_RATIO_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    EPS2_FIELD_NUMBER: _ClassVar[int]
+    CLIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DECAY_RATE_FIELD_NUMBER: _ClassVar[int]
+    ADAFACTOR_BETA1_FIELD_NUMBER: _ClassVar[int]
+    SCALE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_STEP_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_INIT_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    weight_decay_mode: WeightDecayMode
+    initial_lr: float
+    maximize: bool
+    amsgrad: bool
+    delta: float
+    wd_ratio: float
+    nesterov: bool
+    eps2: float
+    clip_threshold: float
+    decay_rate: float
+    adafactor_beta1: float
+    scale_parameter: bool
+    relative_step: bool
+    warmup_init: bool
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., weight_decay_mode: _Optional[_Union[WeightDecayMode, str]] = ..., initial_lr: _Optional[float] = ..., maximize: _Optional[bool] = ..., amsgrad: _Optional[bool] = ..., delta: _Optional[float] = ..., wd_ratio: _Optional[float] = ..., nesterov: _Optional[bool] = ..., eps2: _Optional[float] = ..., clip_threshold: _Optional[float] = ..., decay_rate: _Optional[float] = ..., adafactor_beta1: _Optional[float] = ..., scale_parameter: _Optional[bool] = ..., relative_step: _Optional[bool] = ..., warmup_init: _Optional[bool] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    group: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("job", "optimizer", "tensors", "groups", "num_workers", "mode", "grad_dtype", "num_shards")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    optimizer: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    groups: _containers.RepeatedCompositeFieldContainer[Hyperparameters]
+    num_workers: int
+    mode: ConsistencyMode
+    grad_dtype: DType
+    num_shards: int
+    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RegisterJobRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RegisterHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[RegisterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class RegisterHeader(_message.Message):
+    __slots__ = ("spec", "shard", "worker")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    shard: int
+    worker: int
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class RegisterJobResponse(_message.Message):
+    __slots__ = ("created", "version", "tensors")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    version: int
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: StepHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class StepHeader(_message.Message):
+    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    step: int
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    groups: _containers.RepeatedCompositeFieldContainer[Hyperparameters]
+    dtype: DType
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: TensorHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("version", "tensors", "total_bytes", "dtype")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    dtype: DType
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class PullParametersRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class TensorStream(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: TensorHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class GetOptimizerStateRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class StateEntry(_message.Message):
+    __slots__ = ("tensor", "field", "shape", "offset")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    field: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, tensor: _Optional[int] = ..., field: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class StateHeader(_message.Message):
+    __slots__ = ("job", "optimizer", "entries", "tensors", "steps", "total_bytes", "version")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    optimizer: str
+    entries: _containers.RepeatedCompositeFieldContainer[StateEntry]
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    version: int
+    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[StateEntry, _Mapping]]] = ..., tensors: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class StateStream(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: StateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class SetOptimizerStateResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
