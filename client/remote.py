@@ -1,0 +1,296 @@
+"""RemoteOptimizer: a torch.optim.Optimizer whose step runs on optserve shards.
+
+    opt = RemoteOptimizer(model.named_parameters(), optimizer="adamw",
+                          servers=["127.0.0.1:50051"], job="run-1", lr=1e-3)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+step() streams each gradient to the shard that owns its tensor (all shards at once),
+and copies the updated parameters that come back into `param.data`.
+"""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from optserve.proto import optimizers
+from optserve.proto.errors import InvalidArgument, OptserveError, from_rpc_error
+from optserve.proto.spec import DTYPE_NAMES, Assembler, chunks, numel, place
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+
+if sys.byteorder != "little":  # the wire format is little-endian and we send native bytes
+    raise ImportError("optserve.client needs a little-endian machine")
+
+_TORCH_WIRE = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
+_MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 8 * 1024 * 1024)]
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that runs on optserve shards.
+
+    Args:
+      params: parameters, `model.named_parameters()`, or param-group dicts, as for torch.
+      optimizer: "adamw", "adam", "adamp" or "adafactor".
+      servers: shard addresses ("host:port"); tensors are placed on them by size.
+      job: the job's name; every worker of one training run uses the same.
+      rank, world_size: this worker's index and the number of workers (torch.distributed's names).
+      mode: "sync" (average all workers' gradients, one step) or "async".
+      grad_dtype: wire dtype of gradients: "float32", "bfloat16" or "float16".
+      timeout: seconds for any one call.
+      **hyperparameters: under the peer optimizer's names (lr, betas, eps, weight_decay, ...;
+        weight_decay_mode for adamw; delta, wd_ratio, nesterov for adamp; HF's names for
+        adafactor).
+    """
+
+    def __init__(self, params, optimizer: str = "adamw", *, servers: Sequence[str], job: str,
+                 rank: int = 0, world_size: int = 1, mode: str = "sync",
+                 grad_dtype: str = "float32", timeout: float | None = 600.0, **hyperparameters):
+        info = optimizers.REGISTRY.get(optimizer)
+        if info is None:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimizers.REGISTRY)}")
+        unknown = set(hyperparameters) - set(info.defaults)
+        if unknown:
+            raise TypeError(f"{optimizer} got unexpected hyperparameters {sorted(unknown)}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if grad_dtype not in DTYPE_NAMES:
+            raise ValueError(f"grad_dtype must be one of {sorted(DTYPE_NAMES)}, got {grad_dtype!r}")
+        if not servers:
+            raise ValueError("servers must name at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        super().__init__(params, {**info.defaults, **hyperparameters})
+        self.info = info
+        self.job = job
+        self.rank = rank
+        self.timeout = timeout
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._initial_lrs = [g.get("initial_lr", g["lr"]) or 0.0 for g in self.param_groups]
+        for g in self.param_groups:
+            self._group_proto(g, 0)  # conflicting or bad values fail here, not at the first step
+        self.spec = self._build_spec(mode, world_size, grad_dtype, len(servers))
+        self._wire_dtype = _TORCH_WIRE[self.spec.grad_dtype]
+        home = place([numel(t.shape) for t in self.spec.tensors], len(servers))
+        self._shard_tensors = [[i for i, s in enumerate(home) if s == k] for k in range(len(servers))]
+        self._channels = [grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in servers]
+        self._stubs = [pb_grpc.OptimizerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="optserve-client")
+        self._step_no = [0] * len(servers)
+        self._register()
+
+    # ---- construction ------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        names = []
+        for gi, g in enumerate(self.param_groups):
+            given = g.get("param_names")
+            names += given if given else [f"group{gi}.param{k}" for k in range(len(g["params"]))]
+        return names
+
+    def _group_proto(self, group: dict, gi: int) -> pb.Hyperparameters:
+        try:
+            return optimizers.group_to_proto(self.info.name, group, self._initial_lrs[gi])
+        except InvalidArgument as e:
+            raise ValueError(str(e)) from None
+
+    def _build_spec(self, mode: str, world_size: int, grad_dtype: str, num_shards: int) -> pb.JobSpec:
+        spec = pb.JobSpec(job=self.job, optimizer=self.info.name, num_workers=world_size,
+                          mode=_MODES[mode], grad_dtype=DTYPE_NAMES[grad_dtype], num_shards=num_shards)
+        names = iter(self._names())
+        for gi, g in enumerate(self.param_groups):
+            spec.groups.append(self._group_proto(g, gi))
+            for p in g["params"]:
+                if p.dtype != torch.float32:
+                    raise ValueError(f"parameter {p.shape} is {p.dtype}; optserve keeps float32 masters")
+                spec.tensors.add(name=next(names), shape=list(p.shape) or [1], group=gi)
+        return spec
+
+    def _register(self) -> None:
+        def register(shard: int) -> pb.RegisterJobResponse:
+            header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank)
+            payload = _flat_bytes([self._params[t] for t in self._shard_tensors[shard]], torch.float32)
+            msgs = [pb.RegisterJobRequest(header=header)]
+            msgs += [pb.RegisterJobRequest(chunk=c) for c in chunks(payload)]
+            return self._stubs[shard].RegisterJob(iter(msgs), timeout=self.timeout)
+
+        for shard, reply in enumerate(self._call_all(register)):
+            self._step_no[shard] = reply.version
+            if not reply.created:  # the job's parameters win over this worker's initial ones
+                self._write_back(*self._pull(shard))
+
+    # ---- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Sends the gradients to the shards, waits for the step, writes back the parameters.
+        Parameters whose .grad is None are left alone."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = [self._group_proto(g, gi) for gi, g in enumerate(self.param_groups)]
+        have_grad = [p.grad is not None for p in self._params]
+        # Every shard hears from every worker each step, even with no gradient for it, so
+        # that a sync barrier never waits for a worker that has nothing to send.
+        for result in self._call_all(lambda k: self._step_shard(k, groups, have_grad)):
+            self._write_back(*result)
+        return loss
+
+    def _step_shard(self, shard: int, groups, have_grad) -> tuple[list[int], np.ndarray]:
+        tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]
+        step = self._step_no[shard] + 1
+        header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
+                               groups=groups, dtype=self.spec.grad_dtype)
+        payload = _flat_bytes([self._params[t].grad for t in tensors], self._wire_dtype)
+
+        def requests():
+            yield pb.StepRequest(header=header)
+            for c in chunks(payload):
+                yield pb.StepRequest(chunk=c)
+
+        reply = _receive_tensors(self._stubs[shard].Step(requests(), timeout=self.timeout), "Step")
+        self._step_no[shard] = step
+        return reply
+
+    def _write_back(self, tensors: list[int], values: np.ndarray) -> None:
+        pos = 0
+        for t in tensors:
+            p = self._params[t]
+            n = p.numel()
+            p.data.copy_(torch.from_numpy(values[pos:pos + n]).view(p.shape))
+            pos += n
+
+    def _pull(self, shard: int) -> tuple[list[int], np.ndarray]:
+        stream = self._stubs[shard].PullParameters(pb.PullParametersRequest(job=self.job),
+                                                   timeout=self.timeout)
+        return _receive_tensors(stream, "PullParameters")
+
+    def pull_parameters(self) -> None:
+        """Overwrites the local parameters with the shards' current values."""
+        for result in self._call_all(self._pull):
+            self._write_back(*result)
+
+    # ---- state dicts in torch's format -------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format: an "adamw" state dict loads into torch.optim.AdamW and back."""
+        self.state.clear()
+        for header, payload in self._call_all(self._get_state):
+            steps = dict(zip(header.tensors, header.steps))
+            for e in header.entries:
+                if steps[e.tensor] == 0:
+                    continue  # never stepped: torch keeps no state for it
+                p = self._params[e.tensor]
+                n = numel(e.shape)
+                value = np.frombuffer(payload, "<f4", count=n, offset=e.offset).copy()
+                self.state[p][e.field] = torch.from_numpy(value).view(tuple(e.shape)).to(p.device)
+            for t, s in steps.items():
+                if s:
+                    self.state[self._params[t]]["step"] = (
+                        torch.tensor(float(s)) if self.info.step_is_tensor else int(s))
+        try:
+            return super().state_dict()
+        finally:
+            self.state.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads torch's format and pushes the optimizer state to the shards."""
+        super().load_state_dict(state_dict)
+        for gi, g in enumerate(self.param_groups):
+            for k, v in self.info.defaults.items():
+                g.setdefault(k, v)
+            self._group_proto(g, gi)
+        try:
+            self._call_all(self._set_state)
+        finally:
+            self.state.clear()
+
+    def _get_state(self, shard: int) -> tuple[pb.StateHeader, bytes]:
+        header, parts = None, []
+        try:
+            for msg in self._stubs[shard].GetOptimizerState(
+                    pb.GetOptimizerStateRequest(job=self.job), timeout=self.timeout):
+                if msg.WhichOneof("kind") == "header":
+                    header = msg.header
+                else:
+                    parts.append(msg.chunk.data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return header, b"".join(parts)
+
+    def _set_state(self, shard: int) -> pb.SetOptimizerStateResponse:
+        tensors = self._shard_tensors[shard]
+        header = pb.StateHeader(job=self.job, optimizer=self.info.name, tensors=tensors)
+        parts, offset = [], 0
+        for t in tensors:
+            p, spec = self._params[t], self.spec.tensors[t]
+            st = self.state.get(p, {})
+            header.steps.append(int(st.get("step", 0)))
+            fields = self.info.state_fields(tuple(spec.shape), self.spec.groups[spec.group])
+            for name, shape in sorted(fields.items()):
+                value = st.get(name) if "step" in st else None
+                if value is None:
+                    value = torch.zeros(shape)
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(f"state {name!r} of {spec.name!r} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(shape)}")
+                data = value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+                header.entries.add(tensor=t, field=name, shape=shape, offset=offset)
+                parts.append(data)
+                offset += len(data)
+        header.total_bytes = offset
+        payload = b"".join(parts)
+        msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload)]
+        return self._stubs[shard].SetOptimizerState(iter(msgs), timeout=self.timeout)
+
+    # ---- plumbing -----------------------------------------------------------------------
+    def _call_all(self, fn, shards: Iterable[int] | None = None) -> list:
+        """Runs fn(shard) on every shard at once; raises the first failure as an OptserveError."""
+        shards = range(len(self._stubs)) if shards is None else list(shards)
+        futures = [self._pool.submit(fn, k) for k in shards]
+        results = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> "RemoteOptimizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _flat_bytes(tensors: list[torch.Tensor], dtype: torch.dtype) -> memoryview:
+    """The tensors as one contiguous little-endian byte buffer in `dtype`."""
+    if not tensors:
+        return memoryview(b"")
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", dtype) for t in tensors])
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _receive_tensors(stream, what: str) -> tuple[list[int], np.ndarray]:
+    """Reads a TensorHeader + chunks stream into (spec indices, float32 values)."""
+    try:
+        it = iter(stream)
+        first = next(it)
+        if first.WhichOneof("kind") != "header":
+            raise OptserveError(f"{what}: the shard's reply did not start with a header")
+        header = first.header
+        raw = Assembler(header.total_bytes, f"{what} reply")
+        for msg in it:
+            raw.add(msg.chunk)
+        return list(header.tensors), raw.finish().view("<f4")
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None

@@ -1,0 +1,87 @@
+"""The shard process: a gRPC server with the Optimizer service, health and reflection."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from optserve.kernels import get_backend
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.server.servicer import OptimizerServicer
+from optserve.server.store import ShardStore
+
+log = logging.getLogger("optserve.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Optimizer"].full_name
+# Room for a 4 MiB chunk plus framing; anything larger is refused by gRPC itself.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class ShardServer:
+    """One shard. `start()` binds and serves; `stop(grace)` reports NOT_SERVING, lets
+    in-flight calls finish for up to `grace` seconds, then closes."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
+                 max_threads: int = 64, barrier_timeout: float = 300.0):
+        self.backend = get_backend(device)
+        self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout)
+        self.health = health.HealthServicer()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
+                                                             thread_name_prefix="optserve"),
+                                  options=options)
+        pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.store), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._stopped = threading.Event()
+
+    def start(self) -> "ShardServer":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("shard serving on %s (backend %s)", self.address, self.backend.name)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        log.info("shard on %s stopped", self.address)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def __enter__(self) -> "ShardServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)
+
+
+def serve(host: str, port: int, device: str, barrier_timeout: float, grace: float) -> None:
+    """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
+    shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout).start()
+
+    def on_signal(signum, _frame):
+        log.info("received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, grace)
+        threading.Thread(target=shard.stop, args=(grace,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"optserve shard listening on {shard.address}", flush=True)
+    shard.wait()

@@ -1,0 +1,343 @@
+"""One job's state on one shard, and the rules of its Step.
+
+A Step goes: validate the header -> receive every chunk into a buffer -> decode and check
+the gradient -> [sync] wait until every worker's gradient for this step is in -> average in
+rank order -> one backend call over the flat state -> version += 1 -> answer everyone with
+the same snapshot of the updated parameters. Nothing touches the state before the whole
+request has been validated, so a refused request changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState
+from optserve.proto import optimizers
+from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                                   NotFound)
+from optserve.proto.spec import WIRE_ITEMSIZE, Assembler, decode, shard_tensors, spec_key
+from optserve.proto.v1 import optserve_pb2 as pb
+
+log = logging.getLogger("optserve.server")
+
+
+@dataclass
+class Result:
+    """What a finished step answers: the parameters of the stepped tensors after it."""
+    version: int
+    tensors: list[int]            # spec indices
+    payload: bytes                # float32, little-endian, in `tensors` order
+
+
+@dataclass
+class Contribution:
+    worker: int
+    step: int
+    local: np.ndarray             # local tensor indices, ascending
+    grad: np.ndarray              # float32, full flat layout (only `local` segments valid)
+    groups: list[pb.Hyperparameters]
+
+
+@dataclass
+class Round:
+    """Gradients gathered for one sync step."""
+    step: int
+    contributions: dict[int, Contribution] = field(default_factory=dict)
+    result: Result | None = None
+
+
+class Job:
+    def __init__(self, spec: pb.JobSpec, shard: int, backend, params: np.ndarray,
+                 barrier_timeout: float):
+        self.spec = spec
+        self.name = spec.job
+        self.key = spec_key(spec)
+        self.shard = shard
+        self.backend = backend
+        self.barrier_timeout = barrier_timeout
+        self.info = optimizers.get(spec.optimizer)
+        self.tensors = shard_tensors(spec, shard)
+        self.local_of = {t: k for k, t in enumerate(self.tensors)}
+        shapes = [tuple(spec.tensors[t].shape) for t in self.tensors]
+        self.seg_group = np.array([spec.tensors[t].group for t in self.tensors], np.int64)
+        self.layout = FlatLayout(shapes, [self.info.state_fields(s, spec.groups[spec.tensors[t].group])
+                                          for s, t in zip(shapes, self.tensors)])
+        self.state = FlatState.zeros(self.layout)
+        self.state.param[:] = params
+        self.version = 0
+        self.cond = threading.Condition()
+        self.round: Round | None = None
+        self.worker_step: dict[int, int] = {}
+        self.results: dict[int, tuple[int, Result]] = {}
+        self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
+
+    # ---- sizes -------------------------------------------------------------------------
+    def payload_bytes(self, local: Iterable[int], itemsize: int) -> int:
+        return int(sum(self.layout.sizes[k] for k in local)) * itemsize
+
+    @property
+    def param_bytes(self) -> int:
+        return self.layout.numel * 4
+
+    # ---- registration of another worker -------------------------------------------------
+    def join(self, worker: int) -> int:
+        """A worker (re)joins: its step counter restarts from the current version."""
+        with self.cond:
+            self.worker_step[worker] = self.version
+            return self.version
+
+    # ---- Step ---------------------------------------------------------------------------
+    def step(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Result:
+        worker = self._check_worker(header.worker)
+        with self.worker_locks[worker]:
+            cached = self._cached_result(worker, header.step)
+            if cached is not None:
+                _drain(chunks)
+                return cached
+            self._check_order(worker, header.step)
+            contribution = self._receive(header, chunks)
+            return self._apply(contribution)
+
+    def _check_worker(self, worker: int) -> int:
+        if worker >= self.spec.num_workers:
+            raise InvalidArgument(f"job {self.name!r}: worker {worker} out of range, "
+                                  f"the job has {self.spec.num_workers} workers")
+        return worker
+
+    def _cached_result(self, worker: int, step: int) -> Result | None:
+        """A retried step is answered from the result it already produced."""
+        with self.cond:
+            done = self.results.get(worker)
+            if done is not None and done[0] == step:
+                return done[1]
+        return None
+
+    def _check_order(self, worker: int, step: int) -> None:
+        with self.cond:
+            expected = self.worker_step.get(worker, self.version) + 1
+            if self.spec.mode == pb.SYNC:
+                expected = self.version + 1
+            if step != expected:
+                raise FailedPrecondition(
+                    f"job {self.name!r}: step {step} from worker {worker} is out of order; "
+                    f"the job is at version {self.version} and expects step {expected}")
+
+    def _receive(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Contribution:
+        """Validates the header, receives the whole payload and decodes it. No state is touched."""
+        if header.dtype != self.spec.grad_dtype:
+            raise InvalidArgument(
+                f"job {self.name!r}: gradients must travel as {pb.DType.Name(self.spec.grad_dtype)}, "
+                f"got {pb.DType.Name(header.dtype)}")
+        local = self._local_indices(header.tensors)
+        groups = self._check_groups(header.groups)
+        itemsize = WIRE_ITEMSIZE[header.dtype]
+        raw = Assembler(self.payload_bytes(local, itemsize), f"job {self.name!r} step {header.step} gradient")
+        for chunk in chunks:
+            raw.add(chunk)
+        wire = raw.finish()
+        grad = np.empty(self.layout.numel, np.float32)
+        pos = 0
+        for k in local:
+            o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
+            seg = grad[o:o + n]
+            decode(wire[pos:pos + n * itemsize], header.dtype, seg)
+            pos += n * itemsize
+            if not np.isfinite(seg).all():
+                raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
+                                      f"{self.spec.tensors[self.tensors[k]].name!r}")
+        return Contribution(header.worker, header.step, local, grad, groups)
+
+    def _local_indices(self, tensors: Iterable[int]) -> np.ndarray:
+        out = []
+        for t in tensors:
+            if t not in self.local_of:
+                if t >= len(self.spec.tensors):
+                    raise NotFound(f"job {self.name!r} has no tensor with index {t}")
+                raise NotFound(f"job {self.name!r}: tensor {self.spec.tensors[t].name!r} "
+                               f"is not placed on shard {self.shard}")
+            out.append(self.local_of[t])
+        local = np.array(out, np.int64)
+        if len(local) and (np.diff(local) <= 0).any():
+            raise InvalidArgument(f"job {self.name!r}: tensor indices must be ascending and unique")
+        return local
+
+    def _check_groups(self, groups) -> list[pb.Hyperparameters]:
+        registered = self.spec.groups
+        if len(groups) != len(registered):
+            raise InvalidArgument(f"job {self.name!r}: {len(groups)} parameter groups sent, "
+                                  f"the job has {len(registered)}")
+        out = []
+        for g, (sent, reg) in enumerate(zip(groups, registered)):
+            h = pb.Hyperparameters()
+            h.CopyFrom(sent)
+            h.initial_lr = reg.initial_lr   # lr₀ is the one recorded at registration
+            self.info.validate(h)
+            if h.HasField("adafactor_beta1") != reg.HasField("adafactor_beta1"):
+                raise InvalidArgument(f"job {self.name!r}: group {g} cannot switch Adafactor's "
+                                      "beta1 between None and a value after registration")
+            out.append(h)
+        return out
+
+    def _apply(self, c: Contribution) -> Result:
+        with self.cond:
+            if self.spec.mode == pb.ASYNC:
+                return self._finish(Round(c.step, {c.worker: c}))
+            if self.round is None:
+                self.round = Round(c.step)
+            rnd = self.round
+            rnd.contributions[c.worker] = c
+            if len(rnd.contributions) == self.spec.num_workers:
+                return self._finish(rnd)
+            if not self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout):
+                del rnd.contributions[c.worker]
+                if not rnd.contributions:
+                    self.round = None
+                missing = sorted(set(range(self.spec.num_workers)) - set(rnd.contributions) - {c.worker})
+                raise DeadlineExceeded(
+                    f"job {self.name!r}: step {c.step} timed out after {self.barrier_timeout:g}s "
+                    f"waiting for workers {missing}; nothing was applied, retry the step")
+            return rnd.result
+
+    def _finish(self, rnd: Round) -> Result:
+        """Runs the optimizer on the round's averaged gradient. Called with the lock held."""
+        grad, active = self._average(rnd.contributions)
+        first = rnd.contributions[min(rnd.contributions)]
+        self.state.steps[active] += 1
+        self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active,
+                          self._hyper_arrays(first.groups))
+        self.version += 1
+        stepped = np.flatnonzero(active)
+        result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped))
+        rnd.result = result
+        for w, c in rnd.contributions.items():
+            self.results[w] = (c.step, result)
+            self.worker_step[w] = c.step
+        if self.round is rnd:
+            self.round = None
+        self.cond.notify_all()
+        return result
+
+    def _average(self, contributions: dict[int, Contribution]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean gradient per tensor over the workers that sent it, summed in rank order."""
+        ranks = sorted(contributions)
+        active = np.zeros(self.layout.num_tensors, bool)
+        for w in ranks:
+            active[contributions[w].local] = True
+        if len(ranks) == 1:
+            return contributions[ranks[0]].grad, active
+        total = np.zeros(self.layout.numel, np.float32)
+        count = np.zeros(self.layout.num_tensors, np.int64)
+        same = all(np.array_equal(contributions[w].local, contributions[ranks[0]].local) for w in ranks)
+        for w in ranks:
+            c = contributions[w]
+            if same:
+                total += c.grad
+            else:
+                for k in c.local:
+                    o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
+                    total[o:o + n] += c.grad[o:o + n]
+            count[c.local] += 1
+        if same:
+            total /= np.float32(len(ranks))
+        else:
+            for k in np.flatnonzero(active):
+                o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
+                total[o:o + n] /= np.float32(count[k])
+        return total, active
+
+    def _hyper_arrays(self, groups: list[pb.Hyperparameters]) -> dict[str, np.ndarray]:
+        """Per-tensor float64 arrays of every hyperparameter, from per-group values."""
+        per_group = {key: np.array([_hyper_value(h, key) for h in groups], np.float64)
+                     for key in HYPER_KEYS}
+        return {key: vals[self.seg_group] for key, vals in per_group.items()}
+
+    def _snapshot(self, local: np.ndarray) -> bytes:
+        if len(local) == self.layout.num_tensors:
+            return self.state.param.tobytes()
+        return b"".join(self.layout.param_view(self.state.param, k).tobytes() for k in local)
+
+    # ---- reads and writes ---------------------------------------------------------------
+    def pull(self) -> Result:
+        with self.cond:
+            return Result(self.version, list(self.tensors), self.state.param.tobytes())
+
+    def state_header_and_payload(self) -> tuple[pb.StateHeader, bytes]:
+        with self.cond:
+            header = pb.StateHeader(job=self.name, optimizer=self.spec.optimizer,
+                                    version=self.version, tensors=self.tensors,
+                                    steps=[int(s) for s in self.state.steps])
+            parts, offset = [], 0
+            for k, t in enumerate(self.tensors):
+                for name, shape in sorted(self.layout.field_shapes[k].items()):
+                    data = self.layout.field_view(self.state, name, k).tobytes()
+                    header.entries.add(tensor=t, field=name, shape=shape, offset=offset)
+                    parts.append(data)
+                    offset += len(data)
+            header.total_bytes = offset
+            return header, b"".join(parts)
+
+    def set_state(self, header: pb.StateHeader, chunks: Iterable[pb.Chunk]) -> int:
+        """Replaces the optimizer state of every tensor the header lists, all or nothing."""
+        if header.optimizer != self.spec.optimizer:
+            raise FailedPrecondition(f"job {self.name!r} runs {self.spec.optimizer}, "
+                                     f"the state is for {header.optimizer!r}")
+        if len(header.steps) != len(header.tensors):
+            raise InvalidArgument("state header: steps and tensors differ in length")
+        local = self._local_indices(header.tensors)
+        expected, total = self._expected_entries(local), 0
+        got = {(e.tensor, e.field): e for e in header.entries}
+        if set(got) != set(expected) or len(got) != len(header.entries):
+            raise InvalidArgument(f"job {self.name!r}: state entries {sorted(got)} do not match "
+                                  f"the expected fields {sorted(expected)}")
+        for key, shape in expected.items():
+            e = got[key]
+            if tuple(e.shape) != shape:
+                raise InvalidArgument(f"job {self.name!r}: state {key[1]!r} of tensor "
+                                      f"{self.spec.tensors[key[0]].name!r} has shape {tuple(e.shape)}, "
+                                      f"expected {shape}")
+            total = max(total, e.offset + 4 * math.prod(shape))
+        raw = Assembler(header.total_bytes, f"job {self.name!r} optimizer state")
+        if header.total_bytes < total:
+            raise InvalidArgument(f"state payload of {header.total_bytes} bytes is smaller than "
+                                  f"its entries need ({total})")
+        for chunk in chunks:
+            raw.add(chunk)
+        payload = raw.finish()
+        values = {}
+        for key, shape in expected.items():
+            e = got[key]
+            arr = payload[e.offset:e.offset + 4 * math.prod(shape)].view("<f4")
+            if not np.isfinite(arr).all():
+                raise InvalidArgument(f"non-finite optimizer state {key[1]!r} for tensor "
+                                      f"{self.spec.tensors[key[0]].name!r}")
+            if key[1].startswith("exp_avg_sq") and (arr < 0).any():
+                raise InvalidArgument(f"negative second moment {key[1]!r} for tensor "
+                                      f"{self.spec.tensors[key[0]].name!r}")
+            values[key] = arr
+        with self.cond:
+            for (t, name), arr in values.items():
+                self.layout.field_view(self.state, name, self.local_of[t]).reshape(-1)[:] = arr
+            for k, s in zip(local, header.steps):
+                self.state.steps[k] = s
+            return self.version
+
+    def _expected_entries(self, local: np.ndarray) -> dict[tuple[int, str], tuple[int, ...]]:
+        return {(self.tensors[k], name): shape
+                for k in local for name, shape in self.layout.field_shapes[k].items()}
+
+
+def _hyper_value(h: pb.Hyperparameters, key: str) -> float:
+    if key == "adafactor_beta1":
+        return h.adafactor_beta1 if h.HasField("adafactor_beta1") else math.nan
+    return float(getattr(h, key))
+
+
+def _drain(chunks: Iterable[pb.Chunk]) -> None:
+    for _ in chunks:
+        pass

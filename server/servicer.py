@@ -1,0 +1,105 @@
+"""The gRPC servicer: it only translates. request -> ShardStore/Job call -> response.
+
+Errors from the domain become status codes through the one table in optserve.proto.errors.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Iterator
+
+import grpc
+
+from optserve.proto.errors import InvalidArgument, OptserveError, status_of
+from optserve.proto.spec import chunks
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.server.job import Result
+from optserve.server.store import ShardStore
+
+log = logging.getLogger("optserve.server")
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException):
+    code, message = status_of(exc)
+    if not isinstance(exc, OptserveError):
+        log.exception("internal error")
+    context.abort(code, message)
+
+
+def translate_errors(method):
+    """Aborts the call with the mapped status when the domain raises (unary responses)."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # every failure gets a status, unknown ones INTERNAL
+            _abort(context, exc)
+    return wrapper
+
+
+def translate_errors_stream(method):
+    """The same for methods that stream their responses."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return wrapper
+
+
+def split_stream(requests: Iterator, what: str):
+    """(header, iterator over the chunks) of a `oneof {header; chunk}` request stream."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise InvalidArgument(f"{what}: the first message must be the header")
+
+    def body():
+        for msg in requests:
+            if msg.WhichOneof("kind") != "chunk":
+                raise InvalidArgument(f"{what}: only chunks may follow the header")
+            yield msg.chunk
+    return first.header, body()
+
+
+def _tensor_stream(result: Result, message):
+    """A TensorHeader then the chunks of a float32 payload, as `message` objects."""
+    yield message(header=pb.TensorHeader(version=result.version, tensors=result.tensors,
+                                         total_bytes=len(result.payload), dtype=pb.FLOAT32))
+    for c in chunks(result.payload):
+        yield message(chunk=c)
+
+
+class OptimizerServicer(pb_grpc.OptimizerServicer):
+    def __init__(self, store: ShardStore):
+        self.store = store
+
+    @translate_errors
+    def RegisterJob(self, request_iterator, context):
+        header, body = split_stream(request_iterator, "RegisterJob")
+        job, created, version = self.store.register(header, body)
+        return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors)
+
+    @translate_errors_stream
+    def Step(self, request_iterator, context):
+        header, body = split_stream(request_iterator, "Step")
+        result = self.store.job(header.job).step(header, body)
+        yield from _tensor_stream(result, pb.StepResponse)
+
+    @translate_errors_stream
+    def PullParameters(self, request, context):
+        yield from _tensor_stream(self.store.job(request.job).pull(), pb.TensorStream)
+
+    @translate_errors_stream
+    def GetOptimizerState(self, request, context):
+        header, payload = self.store.job(request.job).state_header_and_payload()
+        yield pb.StateStream(header=header)
+        for c in chunks(payload):
+            yield pb.StateStream(chunk=c)
+
+    @translate_errors
+    def SetOptimizerState(self, request_iterator, context):
+        header, body = split_stream(request_iterator, "SetOptimizerState")
+        version = self.store.job(header.job).set_state(header, body)
+        return pb.SetOptimizerStateResponse(version=version)

@@ -1,0 +1,116 @@
+"""The shard's jobs: registration, lookup and the checks a spec must pass."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable
+
+import numpy as np
+
+from optserve.proto import optimizers
+from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
+from optserve.proto.spec import Assembler, numel, shard_tensors, spec_key
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.server.job import Job
+
+log = logging.getLogger("optserve.server")
+
+
+class ShardStore:
+    def __init__(self, backend, barrier_timeout: float = 300.0):
+        self.backend = backend
+        self.barrier_timeout = barrier_timeout
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+
+    def job(self, name: str) -> Job:
+        try:
+            return self.jobs[name]
+        except KeyError:
+            raise NotFound(f"unknown job {name!r}") from None
+
+    def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> tuple[Job, bool, int]:
+        """Creates the job from the first complete registration, or joins the existing one.
+
+        Returns (job, created, version)."""
+        spec = header.spec
+        validate_spec(spec, header.shard, header.worker)
+        existing = self.jobs.get(spec.job)
+        if existing is not None:
+            _check_same_spec(existing, spec, header.shard)
+        local = shard_tensors(spec, header.shard)
+        total = 4 * sum(numel(spec.tensors[t].shape) for t in local)
+        raw = Assembler(total, f"job {spec.job!r} initial parameters")
+        for chunk in chunks:
+            raw.add(chunk)
+        params = raw.finish().view("<f4")
+        if not np.isfinite(params).all():
+            raise InvalidArgument(f"job {spec.job!r}: non-finite initial parameters")
+        with self.lock:
+            existing = self.jobs.get(spec.job)
+            if existing is not None:
+                _check_same_spec(existing, spec, header.shard)
+                return existing, False, existing.join(header.worker)
+            job = Job(spec, header.shard, self.backend, params, self.barrier_timeout)
+            self.jobs[spec.job] = job
+        job.join(header.worker)
+        _log_registered(job)
+        return job, True, 0
+
+
+def validate_spec(spec: pb.JobSpec, shard: int, worker: int) -> None:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise InvalidArgument(f"job spec: {message}")
+
+    check(bool(spec.job), "the job needs a name")
+    info = optimizers.get(spec.optimizer)
+    check(len(spec.tensors) > 0, "no tensors")
+    check(len(spec.groups) > 0, "no parameter groups")
+    names = [t.name for t in spec.tensors]
+    check(all(names), "every tensor needs a name")
+    check(len(set(names)) == len(names), "tensor names must be unique")
+    for t in spec.tensors:
+        check(len(t.shape) > 0 and all(d > 0 for d in t.shape),
+              f"tensor {t.name!r} has shape {tuple(t.shape)}; dims must be positive (scalars as [1])")
+        check(t.group < len(spec.groups), f"tensor {t.name!r} names group {t.group}, "
+                                          f"there are {len(spec.groups)}")
+    for h in spec.groups:
+        info.validate(h)
+    check(spec.num_workers >= 1, "num_workers must be >= 1")
+    check(worker < spec.num_workers, f"worker {worker} out of range [0, {spec.num_workers})")
+    check(spec.num_shards >= 1, "num_shards must be >= 1")
+    check(shard < spec.num_shards, f"shard {shard} out of range [0, {spec.num_shards})")
+    check(spec.grad_dtype in (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16), "grad_dtype must be set")
+    check(spec.mode in (pb.SYNC, pb.ASYNC), f"unknown consistency mode {spec.mode}")
+
+
+def _check_same_spec(job: Job, spec: pb.JobSpec, shard: int) -> None:
+    if shard != job.shard:
+        raise FailedPrecondition(f"job {spec.job!r} is held here as shard {job.shard}, "
+                                 f"not shard {shard}")
+    if spec_key(spec) != job.key:
+        raise FailedPrecondition(f"job {spec.job!r} is already registered with a different spec "
+                                 f"({_spec_difference(job.spec, spec)})")
+
+
+def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
+    for field in ("optimizer", "num_workers", "mode", "grad_dtype", "num_shards"):
+        if getattr(a, field) != getattr(b, field):
+            return f"{field}: {getattr(a, field)!r} registered, {getattr(b, field)!r} sent"
+    if len(a.tensors) != len(b.tensors):
+        return f"{len(a.tensors)} tensors registered, {len(b.tensors)} sent"
+    for x, y in zip(a.tensors, b.tensors):
+        if x != y:
+            return (f"tensor {x.name!r} {tuple(x.shape)} group {x.group} registered, "
+                    f"{y.name!r} {tuple(y.shape)} group {y.group} sent")
+    return "the parameter groups' hyperparameters differ"
+
+
+def _log_registered(job: Job) -> None:
+    spec = job.spec
+    log.info("registered job %r: optimizer=%s, %d of %d tensors (%d params) on shard %d/%d, "
+             "%d worker(s), %s, gradients as %s, state %.1f MB on %s",
+             spec.job, spec.optimizer, len(job.tensors), len(spec.tensors), job.layout.numel,
+             job.shard, spec.num_shards, spec.num_workers, pb.ConsistencyMode.Name(spec.mode).lower(),
+             pb.DType.Name(spec.grad_dtype).lower(), job.layout.state_bytes() / 1e6, job.backend.name)
