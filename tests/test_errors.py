@@ -1,0 +1,211 @@
+"""Bad input gets the status code of DESIGN.md's table and a clear message, and leaves the
+parameters and optimizer state bit-for-bit as they were (checked by pulling both)."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from models import make_data, make_model
+from optserve.client import FailedPrecondition, NotFound, RemoteOptimizer
+from optserve.proto.spec import chunks
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+
+JOB = "errors"
+
+
+@pytest.fixture
+def job(shard):
+    """A job with three real steps behind it, and a raw stub to misbehave with."""
+    x, y = make_data()
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job=JOB, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    channel = grpc.insecure_channel(shard.address)
+    yield opt, pb_grpc.OptimizerStub(channel)
+    channel.close()
+    opt.close()
+
+
+def snapshot(stub) -> tuple[bytes, bytes, bytes]:
+    """Parameters, state header and state payload as the shard reports them."""
+    params = b"".join(m.chunk.data for m in stub.PullParameters(pb.PullParametersRequest(job=JOB))
+                      if m.WhichOneof("kind") == "chunk")
+    header, payload = None, []
+    for m in stub.GetOptimizerState(pb.GetOptimizerStateRequest(job=JOB)):
+        if m.WhichOneof("kind") == "header":
+            header = m.header.SerializeToString(deterministic=True)
+        else:
+            payload.append(m.chunk.data)
+    return params, header, b"".join(payload)
+
+
+def step_header(opt, step=None, tensors=None, dtype=pb.FLOAT32, **overrides) -> pb.StepHeader:
+    groups = [opt._group_proto(g, i) for i, g in enumerate(opt.param_groups)]
+    h = pb.StepHeader(job=JOB, worker=0, step=opt._step_no[0] + 1 if step is None else step,
+                      tensors=range(len(opt.spec.tensors)) if tensors is None else tensors,
+                      groups=groups, dtype=dtype)
+    for k, v in overrides.items():
+        setattr(h, k, v)
+    return h
+
+
+def grad_bytes(opt, tensors=None, value=0.01) -> bytes:
+    idx = range(len(opt.spec.tensors)) if tensors is None else tensors
+    n = sum(int(np.prod(opt.spec.tensors[t].shape)) for t in idx)
+    return np.full(n, value, "<f4").tobytes()
+
+
+def send_step(stub, header, payload=b"", chunk_list=None):
+    msgs = [pb.StepRequest(header=header)]
+    body = chunk_list if chunk_list is not None else list(chunks(payload, limit=1000))
+    msgs += [pb.StepRequest(chunk=c) for c in body]
+    return list(stub.Step(iter(msgs)))
+
+
+def refused(stub, call, code, fragment):
+    before = snapshot(stub)
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == code, e.value.details()
+    assert fragment in e.value.details(), e.value.details()
+    assert snapshot(stub) == before, "a refused request changed the stored state"
+
+
+def test_unknown_job(job):
+    opt, stub = job
+    refused(stub, lambda: send_step(stub, step_header(opt, job="nope"), grad_bytes(opt)),
+            grpc.StatusCode.NOT_FOUND, "unknown job 'nope'")
+
+
+def test_unknown_tensor(job):
+    opt, stub = job
+    refused(stub, lambda: send_step(stub, step_header(opt, tensors=[0, 99]), grad_bytes(opt, [0])),
+            grpc.StatusCode.NOT_FOUND, "no tensor with index 99")
+
+
+@pytest.mark.parametrize("cut", [-4, -1, 4])
+def test_wrong_byte_count(job, cut):
+    opt, stub = job
+    payload = grad_bytes(opt)
+    payload = payload[:cut] if cut < 0 else payload + b"\0" * cut
+    refused(stub, lambda: send_step(stub, step_header(opt), payload),
+            grpc.StatusCode.INVALID_ARGUMENT, "expected")
+
+
+def test_missing_chunk(job):
+    opt, stub = job
+    body = list(chunks(grad_bytes(opt), limit=1000))
+    del body[1]
+    refused(stub, lambda: send_step(stub, step_header(opt), chunk_list=body),
+            grpc.StatusCode.INVALID_ARGUMENT, "contiguous and in order")
+
+
+def test_duplicate_chunk(job):
+    opt, stub = job
+    body = list(chunks(grad_bytes(opt), limit=1000))
+    body.insert(1, body[0])
+    refused(stub, lambda: send_step(stub, step_header(opt), chunk_list=body),
+            grpc.StatusCode.INVALID_ARGUMENT, "contiguous and in order")
+
+
+def test_wrong_dtype(job):
+    opt, stub = job
+    payload = grad_bytes(opt)[: len(grad_bytes(opt)) // 2]
+    refused(stub, lambda: send_step(stub, step_header(opt, dtype=pb.BFLOAT16), payload),
+            grpc.StatusCode.INVALID_ARGUMENT, "must travel as FLOAT32")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradient(job, bad):
+    opt, stub = job
+    g = np.frombuffer(grad_bytes(opt), "<f4").copy()
+    g[len(g) // 2] = bad
+    refused(stub, lambda: send_step(stub, step_header(opt), g.tobytes()),
+            grpc.StatusCode.INVALID_ARGUMENT, "non-finite gradient")
+
+
+def test_bad_hyperparameter(job):
+    opt, stub = job
+    header = step_header(opt)
+    header.groups[0].lr = float("nan")
+    refused(stub, lambda: send_step(stub, header, grad_bytes(opt)),
+            grpc.StatusCode.INVALID_ARGUMENT, "lr must be finite")
+
+
+def test_header_not_first(job):
+    opt, stub = job
+    msgs = [pb.StepRequest(chunk=pb.Chunk(offset=0, data=b"x"))]
+    refused(stub, lambda: list(stub.Step(iter(msgs))), grpc.StatusCode.INVALID_ARGUMENT,
+            "first message must be the header")
+
+
+@pytest.mark.parametrize("delta", [2, -1])
+def test_step_out_of_order(job, delta):
+    opt, stub = job
+    refused(stub, lambda: send_step(stub, step_header(opt, step=opt._step_no[0] + delta),
+                                    grad_bytes(opt)),
+            grpc.StatusCode.FAILED_PRECONDITION, "out of order")
+
+
+def test_registration_with_another_spec(job, shard):
+    opt, stub = job
+    other = torch.nn.Linear(3, 2)
+    with pytest.raises(FailedPrecondition, match="different spec"):
+        RemoteOptimizer(other.parameters(), "adamw", servers=[shard.address], job=JOB)
+    before = snapshot(stub)
+    model = make_model()
+    with pytest.raises(FailedPrecondition, match="optimizer: 'adamw' registered, 'adamp' sent"):
+        RemoteOptimizer(model.parameters(), "adamp", servers=[shard.address], job=JOB)
+    assert snapshot(stub) == before
+
+
+def test_bad_spec(shard):
+    stub = pb_grpc.OptimizerStub(grpc.insecure_channel(shard.address))
+    spec = pb.JobSpec(job="bad", optimizer="sgd9000", num_workers=1, num_shards=1,
+                      grad_dtype=pb.FLOAT32, groups=[pb.Hyperparameters(lr=1)],
+                      tensors=[pb.TensorSpec(name="w", shape=[2])])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RegisterJob(iter([pb.RegisterJobRequest(header=pb.RegisterHeader(spec=spec))]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown optimizer 'sgd9000'" in e.value.details()
+
+
+def test_set_state_with_wrong_shape(job):
+    opt, stub = job
+    before = snapshot(stub)
+    header = pb.StateHeader()
+    for m in stub.GetOptimizerState(pb.GetOptimizerStateRequest(job=JOB)):
+        if m.WhichOneof("kind") == "header":
+            header.CopyFrom(m.header)
+    payload = before[2]
+    header.entries[0].shape[:] = [1, 2, 3]
+    msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload)]
+    refused(stub, lambda: stub.SetOptimizerState(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT,
+            "has shape (1, 2, 3)")
+
+
+def test_client_raises_with_the_server_message(shard):
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="gone")
+    opt.job = "renamed"  # the shard holds no such job
+    x, y = make_data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(NotFound, match="unknown job 'renamed'"):
+        opt.step()
+
+
+def test_retried_step_is_applied_once(job):
+    """The same (job, worker, step) sent twice: same answer, state stepped once."""
+    opt, stub = job
+    header = step_header(opt)
+    first = send_step(stub, header, grad_bytes(opt))
+    after_first = snapshot(stub)
+    second = send_step(stub, header, grad_bytes(opt))
+    assert [m.SerializeToString() for m in first] == [m.SerializeToString() for m in second]
+    assert snapshot(stub) == after_first

@@ -1,0 +1,593 @@
+"""The NumPy reference (kernels/reference.py) against independent oracles, one tensor at a time.
+
+Oracles (see shared/OPTIMIZERS.md section 5):
+- torch.optim.AdamW / torch.optim.Adam (for-loop implementation, float32);
+- adamp.AdamP 0.3.0 (the normative AdamP code);
+- transformers.optimization.Adafactor (paper/fairseq semantics) and torch.optim.Adafactor.
+
+Every test runs STEPS steps on a seeded float32 tensor with a fresh random gradient each step,
+fed identically to the oracle (``param.grad = g.clone()``) and to the reference (``g.numpy()``),
+then compares the parameter and the state buffers the oracle stores under the same names.
+Gradients are dense N(0, 1) draws (or orthogonalised versions of them), so no element carries a
+zero "true" gradient made of rounding noise (OPTIMIZERS.md section 6).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optserve.kernels import reference as ref
+
+STEPS = 50
+RTOL, ATOL = 1e-5, 1e-6
+
+SHAPES_ND = {"1d": (37,), "2d": (16, 24), "3d": (6, 8, 10), "4d": (8, 4, 3, 3)}
+# Degenerate shapes a model does have: a scalar, a single row / column, a size-1 middle dim.
+SHAPES_EDGE = {"0d": (), "1x24": (1, 24), "24x1": (24, 1), "3x1x5": (3, 1, 5)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _randn(rng: np.random.Generator, shape) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _new_param(rng, shape):
+    """(oracle tensor, reference array): identical float32 values, separate storage."""
+    x = _randn(rng, shape)
+    return torch.nn.Parameter(torch.from_numpy(x.copy())), x.copy()
+
+
+def _feed(p_torch: torch.nn.Parameter, g: np.ndarray) -> np.ndarray:
+    """Hands the same gradient to the oracle (a clone) and returns the reference's copy."""
+    g_t = torch.from_numpy(g.copy())
+    p_torch.grad = g_t.clone()
+    return g_t.numpy()
+
+
+def _close(actual: np.ndarray, expected: torch.Tensor, what: str, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(actual, expected.detach().numpy(), rtol=rtol, atol=atol,
+                               err_msg=what)
+
+
+def _compare_state(ref_state: dict, oracle_state: dict, names, step: int):
+    for name in names:
+        assert name in oracle_state, f"oracle has no state {name!r}"
+        _close(ref_state[name], oracle_state[name], f"state {name!r} after step {step}")
+
+
+def _cosine_lr(lr0: float, t: int, total: int = STEPS) -> float:
+    """Cosine schedule from lr0 down to 0.1·lr0 (t = 1..total)."""
+    return lr0 * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * (t - 1) / total)))
+
+
+def _step_lr(lr0: float, t: int) -> float:
+    """Step schedule: ×0.3 every 15 steps."""
+    return lr0 * 0.3 ** ((t - 1) // 15)
+
+
+SCHEDULES = {
+    "constant": lambda lr0, t: lr0,
+    "cosine": _cosine_lr,
+    "step": _step_lr,
+}
+
+
+# ----------------------------------------------------------------------------- AdamW / Adam
+
+
+ADAMW_CASES = [
+    # id, shape, lr0, betas, eps, reference wd λ, mode, schedule, maximize
+    ("lr-default-2d", (16, 24), 1e-3, (0.9, 0.999), 1e-8, 1e-2, "lr", "constant", False),
+    ("lr-big-1d", (37,), 1e-2, (0.9, 0.999), 1e-8, 0.1, "lr", "constant", False),
+    ("lr-nowd-4d", (8, 4, 3, 3), 1e-2, (0.8, 0.99), 1e-6, 0.0, "lr", "constant", False),
+    ("lr-cosine-3d", (6, 8, 10), 1e-2, (0.9, 0.95), 1e-8, 0.1, "lr", "cosine", False),
+    ("lr-maximize-2d", (16, 24), 1e-2, (0.9, 0.999), 1e-8, 0.05, "lr", "constant", True),
+    ("lr-eps-large-2d", (16, 24), 1e-2, (0.9, 0.999), 1e-3, 0.05, "lr", "step", False),
+    ("schedule-cosine-2d", (16, 24), 1e-2, (0.9, 0.999), 1e-8, 1e-2, "schedule", "cosine", False),
+    ("schedule-step-1d", (37,), 1e-2, (0.9, 0.999), 1e-8, 2e-2, "schedule", "step", False),
+    ("schedule-cosine-4d-max", (8, 4, 3, 3), 3e-3, (0.9, 0.99), 1e-8, 1e-2, "schedule", "cosine", True),
+    ("schedule-constant-3d", (6, 8, 10), 1e-2, (0.9, 0.999), 1e-8, 1e-2, "schedule", "constant", False),
+    ("fixed-2d", (16, 24), 1e-2, (0.9, 0.999), 1e-8, 1e-2, "fixed", "constant", False),
+    ("fixed-1d", (37,), 1e-3, (0.9, 0.999), 1e-8, 5e-3, "fixed", "constant", False),
+    ("fixed-4d-max", (8, 4, 3, 3), 1e-2, (0.85, 0.995), 1e-8, 2e-2, "fixed", "constant", True),
+    ("lr-0d", (), 1e-2, (0.9, 0.999), 1e-8, 0.1, "lr", "cosine", False),
+    ("schedule-24x1", (24, 1), 1e-2, (0.9, 0.999), 1e-8, 1e-2, "schedule", "step", False),
+    ("fixed-1x24-beta1-0", (1, 24), 1e-2, (0.0, 0.99), 1e-8, 1e-2, "fixed", "constant", False),
+]
+
+
+def _torch_wd(mode: str, wd: float, lr0: float) -> float:
+    """torch AdamW's weight_decay equivalent to the reference's (mode, λ)."""
+    if mode == "lr":
+        return wd
+    # schedule: θ(1 − (lr_t/lr₀)·λ) = θ(1 − lr_t·(λ/lr₀));  fixed (constant lr): θ(1 − lr·(λ/lr))
+    return wd / lr0
+
+
+@pytest.mark.parametrize("case", ADAMW_CASES, ids=[c[0] for c in ADAMW_CASES])
+def test_adamw_matches_torch(case):
+    _, shape, lr0, (b1, b2), eps, wd, mode, sched, maximize = case
+    rng = _rng(1000 + ADAMW_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    opt = torch.optim.AdamW([p_t], lr=lr0, betas=(b1, b2), eps=eps,
+                            weight_decay=_torch_wd(mode, wd, lr0), maximize=maximize,
+                            foreach=False)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    for t in range(1, STEPS + 1):
+        lr_t = SCHEDULES[sched](lr0, t)
+        for group in opt.param_groups:
+            group["lr"] = lr_t
+        g = _randn(rng, shape)
+        g_r = _feed(p_t, g)
+        opt.step()
+        ref.adamw(p_r, g_r, st, step=t, lr=lr_t, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                  weight_decay_mode=mode, initial_lr=lr0, maximize=maximize)
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)
+    # The decay must have mattered for the comparison to mean anything.
+    if wd:
+        assert not np.allclose(p_r, _adamw_without_decay(case), rtol=1e-4, atol=1e-5)
+
+
+def _adamw_without_decay(case):
+    """The same run with weight_decay=0 (torch), to show the decay term is exercised."""
+    _, shape, lr0, (b1, b2), eps, _wd, _mode, sched, maximize = case
+    rng = _rng(1000 + ADAMW_CASES.index(case))
+    p_t, _ = _new_param(rng, shape)
+    opt = torch.optim.AdamW([p_t], lr=lr0, betas=(b1, b2), eps=eps, weight_decay=0.0,
+                            maximize=maximize, foreach=False)
+    for t in range(1, STEPS + 1):
+        for group in opt.param_groups:
+            group["lr"] = SCHEDULES[sched](lr0, t)
+        _feed(p_t, _randn(rng, shape))
+        opt.step()
+    return p_t.detach().numpy()
+
+
+def test_adamw_schedule_mode_differs_from_lr_mode():
+    """With a changing lr, 'schedule' (decay ∝ lr_t/lr₀) and 'lr' (decay ∝ lr_t) differ — and
+    'schedule' is the one equal to torch AdamW(weight_decay=λ/lr₀); checked above."""
+    shape, lr0, wd = (16, 24), 1e-2, 1e-2
+    rng = _rng(7)
+    p0, g_list = _randn(rng, shape), [_randn(rng, shape) for _ in range(STEPS)]
+    out = {}
+    for mode in ("schedule", "lr"):
+        p = p0.copy()
+        st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+        for t, g in enumerate(g_list, start=1):
+            ref.adamw(p, g, st, step=t, lr=_cosine_lr(lr0, t), beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=wd, weight_decay_mode=mode, initial_lr=lr0)
+        out[mode] = p
+    assert not np.allclose(out["schedule"], out["lr"], rtol=1e-3, atol=1e-4)
+
+
+ADAM_CASES = [
+    # id, shape, lr, betas, eps, weight_decay (coupled L2), maximize
+    ("plain-2d", (16, 24), 1e-3, (0.9, 0.999), 1e-8, 0.0, False),
+    ("l2-2d", (16, 24), 1e-2, (0.9, 0.999), 1e-8, 0.1, False),
+    ("l2-max-1d", (37,), 1e-2, (0.9, 0.999), 1e-8, 0.1, True),
+    ("max-4d", (8, 4, 3, 3), 1e-2, (0.8, 0.99), 1e-8, 0.0, True),
+    ("l2-big-3d", (6, 8, 10), 3e-3, (0.9, 0.95), 1e-6, 1.0, False),
+    ("l2-0d", (), 1e-2, (0.9, 0.999), 1e-8, 0.1, False),
+]
+
+
+@pytest.mark.parametrize("case", ADAM_CASES, ids=[c[0] for c in ADAM_CASES])
+def test_adam_coupled_l2_matches_torch(case):
+    _, shape, lr, (b1, b2), eps, wd, maximize = case
+    rng = _rng(2000 + ADAM_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    opt = torch.optim.Adam([p_t], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
+                           maximize=maximize, foreach=False)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    for t in range(1, STEPS + 1):
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        ref.adam(p_r, g_r, st, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                 maximize=maximize)
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)
+
+
+# ----------------------------------------------------------------------------- AdamP
+
+
+def _orthogonal_rows(g: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """g with its component along each row (channel) of p removed: cos(g_row, p_row) ≈ 0."""
+    g2 = g.reshape(g.shape[0], -1).astype(np.float64)
+    p2 = p.reshape(p.shape[0], -1).astype(np.float64)
+    coef = (g2 * p2).sum(axis=1, keepdims=True) / (p2 * p2).sum(axis=1, keepdims=True)
+    return (g2 - coef * p2).astype(np.float32).reshape(g.shape)
+
+
+def _orthogonal_layer(g: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """g with its component along the whole of p removed (layer view only; rows stay random)."""
+    g1, p1 = g.astype(np.float64).ravel(), p.astype(np.float64).ravel()
+    return (g1 - (g1 @ p1) / (p1 @ p1) * p1).astype(np.float32).reshape(g.shape)
+
+
+def _aligned(g: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """g plus a large multiple of p, so every row's |cos(g, p)| is far above δ/√n."""
+    return (g + 2.0 * p).astype(np.float32)
+
+
+GRAD_KINDS = {
+    "orthogonal": _orthogonal_rows,   # the channel test fires every step
+    "layer": _orthogonal_layer,       # the channel test fails, the layer test fires
+    "aligned": _aligned,              # neither fires
+    "random": lambda g, p: g,         # whatever the package decides
+}
+
+
+def _adamp_fires(opt, p: torch.Tensor, grad: torch.Tensor, delta: float, eps: float):
+    """The adamp package's own threshold check, evaluated through its own methods, before the
+    step. Returns the view that fires ('channel' / 'layer') or None."""
+    if p.dim() <= 1:
+        return None
+    for view_name, view in (("channel", opt._channel_view), ("layer", opt._layer_view)):
+        cos = opt._cosine_similarity(grad, p.data, eps, view)
+        threshold = delta / math.sqrt(view(p.data).size(1))
+        # Guard against a case where rounding decides the branch (the reference computes the
+        # cosine in float64): keep test data away from the threshold.
+        assert abs(float(cos.max()) - threshold) > 1e-5 * threshold, "cosine on the threshold"
+        if cos.max() < threshold:
+            return view_name
+    return None
+
+
+ADAMP_CASES = [
+    # id, shape, grad kind, nesterov, weight_decay, expected firing view per step
+    ("orth-2d", (16, 32), "orthogonal", False, 0.0, "channel"),
+    ("orth-2d-nesterov-wd", (16, 32), "orthogonal", True, 0.1, "channel"),
+    ("orth-4d-wd", (8, 4, 3, 3), "orthogonal", False, 0.1, "channel"),
+    ("orth-4d-nesterov", (8, 4, 3, 3), "orthogonal", True, 0.0, "channel"),
+    ("layer-2d-wd", (16, 32), "layer", False, 0.1, "layer"),
+    ("layer-4d-nesterov-wd", (8, 4, 3, 3), "layer", True, 0.1, "layer"),
+    ("aligned-2d-wd", (16, 32), "aligned", False, 0.1, None),
+    ("aligned-4d-nesterov", (8, 4, 3, 3), "aligned", True, 0.0, None),
+    ("random-2d-wd", (16, 32), "random", False, 0.1, "any"),
+    ("random-3d-nesterov-wd", (6, 8, 10), "random", True, 0.1, "any"),
+    ("vector-1d-wd", (37,), "orthogonal-1d", False, 0.1, None),
+    ("vector-1d-nesterov", (37,), "random", True, 0.0, None),
+    ("scalar-0d-wd", (), "random", False, 0.1, None),
+    # One channel: the channel view is the layer view.
+    ("orth-1x24-wd", (1, 24), "orthogonal", True, 0.1, "channel"),
+    # Rows of length 1: |cos| is 1 per row, so only the layer test can fire.
+    ("layer-24x1-wd", (24, 1), "layer", False, 0.1, "layer"),
+    ("aligned-3x1x5", (3, 1, 5), "aligned", True, 0.1, None),
+]
+
+
+@pytest.mark.parametrize("case", ADAMP_CASES, ids=[c[0] for c in ADAMP_CASES])
+def test_adamp_matches_package(case):
+    from adamp import AdamP
+
+    _, shape, kind, nesterov, wd, expect = case
+    lr, b1, b2, eps, delta, wd_ratio = 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.1
+    rng = _rng(3000 + ADAMP_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    opt = AdamP([p_t], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, delta=delta,
+                wd_ratio=wd_ratio, nesterov=nesterov)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    fired_views = []
+    for t in range(1, STEPS + 1):
+        g = _randn(rng, shape)
+        if kind == "orthogonal-1d":       # 1-D: never projected, however orthogonal g is
+            g = _orthogonal_layer(g, p_r)
+        else:
+            g = GRAD_KINDS[kind](g, p_t.detach().numpy())
+        g_r = _feed(p_t, g)
+        fired = _adamp_fires(opt, p_t, p_t.grad, delta, eps)
+        fired_views.append(fired)
+        opt.step()
+        projected = ref.adamp(p_r, g_r, st, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                              weight_decay=wd, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov)
+        assert projected is (fired is not None), (
+            f"step {t}: reference projected={projected}, adamp fired={fired}")
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)
+    if expect != "any":
+        assert fired_views == [expect] * STEPS, fired_views
+
+
+def test_adamp_projection_is_exercised():
+    """The orthogonal case must really differ from plain Adam(W) with the same settings,
+    otherwise a no-op projection would pass the parity tests above."""
+    shape, lr = (16, 32), 1e-2
+    rng = _rng(31)
+    p = _randn(rng, shape)
+    plain, proj = p.copy(), p.copy()
+    st_a = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    st_b = {k: v.copy() for k, v in st_a.items()}
+    for t in range(1, 11):
+        g = _orthogonal_rows(_randn(rng, shape), proj)
+        ref.adamw(plain, g, st_a, step=t, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0)
+        assert ref.adamp(proj, g, st_b, step=t, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                         weight_decay=0.0)
+    assert not np.allclose(plain, proj, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Adafactor
+
+
+ADAFACTOR_CONFIGS = {
+    # name: HF Adafactor kwargs (the reference gets the same ones)
+    "defaults": dict(),
+    "warmup_init": dict(warmup_init=True),
+    "relative-noscale": dict(scale_parameter=False),
+    "explicit-lr-scale": dict(relative_step=False, lr=1e-2),
+    "explicit-lr-noscale": dict(relative_step=False, lr=3e-3, scale_parameter=False),
+    "beta1": dict(beta1=0.9),
+    "beta1-explicit-lr": dict(relative_step=False, lr=1e-2, beta1=0.9, scale_parameter=False),
+    "clip0.5": dict(clip_threshold=0.5),
+    "clip0.5-beta1-wd": dict(clip_threshold=0.5, beta1=0.9, weight_decay=0.1),
+    "decay-0.5": dict(decay_rate=-0.5),
+    "decay-0.5-explicit-lr": dict(decay_rate=-0.5, relative_step=False, lr=1e-2),
+    "wd0.1": dict(weight_decay=0.1),
+    "wd0.1-explicit-lr": dict(weight_decay=0.1, relative_step=False, lr=1e-2),
+    "wd0.1-warmup-noscale": dict(weight_decay=0.1, warmup_init=True, scale_parameter=False),
+    "beta1-0": dict(beta1=0.0),
+}
+
+
+def _adafactor_state(shape, beta1):
+    st = {}
+    if len(shape) >= 2:
+        st["exp_avg_sq_row"] = np.zeros(shape[:-1], np.float32)
+        st["exp_avg_sq_col"] = np.zeros(shape[:-2] + shape[-1:], np.float32)
+    else:
+        st["exp_avg_sq"] = np.zeros(shape, np.float32)
+    if beta1 is not None:
+        st["exp_avg"] = np.zeros(shape, np.float32)
+    return st
+
+
+def _ref_adafactor_kwargs(hf_kwargs: dict) -> dict:
+    kw = dict(hf_kwargs)
+    kw.setdefault("relative_step", True)
+    if "lr" not in kw:
+        kw["lr"] = None
+    return kw
+
+
+ADAFACTOR_SHAPES = {**SHAPES_ND, **SHAPES_EDGE}
+
+
+@pytest.mark.parametrize("shape_id", list(ADAFACTOR_SHAPES))
+@pytest.mark.parametrize("config", list(ADAFACTOR_CONFIGS))
+def test_adafactor_matches_transformers(config, shape_id):
+    from transformers.optimization import Adafactor
+
+    shape = ADAFACTOR_SHAPES[shape_id]
+    hf_kwargs = ADAFACTOR_CONFIGS[config]
+    rng = _rng(4000 + 97 * list(ADAFACTOR_CONFIGS).index(config)
+               + list(ADAFACTOR_SHAPES).index(shape_id))
+    p_t, p_r = _new_param(rng, shape)
+    opt = Adafactor([p_t], **hf_kwargs)
+    kw = _ref_adafactor_kwargs(hf_kwargs)
+    st = _adafactor_state(shape, kw.get("beta1"))
+    clip_threshold = kw.get("clip_threshold", 1.0)
+    clips = []
+    for t in range(1, STEPS + 1):
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        clip = ref.adafactor(p_r, g_r, st, step=t, **kw)
+        clips.append(clip)
+        assert clip >= 1.0
+        _close(p_r, p_t, f"param after step {t}")
+        oracle_state = opt.state[p_t]
+        assert set(st) == {k for k in oracle_state if k not in ("step", "RMS")}, (
+            sorted(st), sorted(oracle_state))
+        _compare_state(st, oracle_state, sorted(st), t)
+    if clip_threshold < 1.0:
+        assert max(clips) > 1.0, "clip_threshold=0.5 should clip at least once"
+
+
+@pytest.mark.parametrize("shape_id", list(SHAPES_ND))
+def test_adafactor_matches_torch(shape_id):
+    """torch.optim.Adafactor(lr=1e-2) = HF defaults up to its ε1 handling (clamps instead of
+    adding ε1 = 1e-30), so only the parameter is compared and with a looser tolerance."""
+    shape = SHAPES_ND[shape_id]
+    rng = _rng(5000 + list(SHAPES_ND).index(shape_id))
+    p_t, p_r = _new_param(rng, shape)
+    opt = torch.optim.Adafactor([p_t], lr=1e-2, weight_decay=0.0, foreach=False)
+    st = _adafactor_state(shape, None)
+    for t in range(1, STEPS + 1):
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        ref.adafactor(p_r, g_r, st, step=t)
+        _close(p_r, p_t, f"param after step {t}", rtol=1e-4, atol=1e-5)
+
+
+def test_adafactor_factoring_follows_ndim():
+    assert not ref.adafactor_is_factored((37,))
+    assert not ref.adafactor_is_factored(())
+    for shape in [(16, 24), (6, 8, 10), (8, 4, 3, 3), (1, 1), (24, 1)]:
+        assert ref.adafactor_is_factored(shape)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _hyper(**overrides) -> dict:
+    """A per-tensor hyperparameter dict as kernels/layout.py encodes it (flags 0/1, NaN beta1,
+    weight_decay_mode as the proto enum: 0 lr, 1 schedule, 2 fixed)."""
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, weight_decay_mode=0.0,
+             initial_lr=1e-2, maximize=0.0, amsgrad=0.0, delta=0.1, wd_ratio=0.1, nesterov=0.0,
+             eps2=1e-3, clip_threshold=1.0, decay_rate=-0.8, adafactor_beta1=math.nan,
+             scale_parameter=1.0, relative_step=1.0, warmup_init=0.0)
+    h.update(overrides)
+    return h
+
+
+def test_tensor_step_adamw_schedule_matches_torch():
+    """`_tensor_step` (what `step` calls per tensor) maps mode 1 to 'schedule' and passes lr₀."""
+    shape, lr0, wd = (16, 24), 1e-2, 1e-2
+    rng = _rng(6001)
+    p_t, p_r = _new_param(rng, shape)
+    opt = torch.optim.AdamW([p_t], lr=lr0, weight_decay=wd / lr0, foreach=False)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    for t in range(1, 21):
+        lr_t = _cosine_lr(lr0, t, 20)
+        opt.param_groups[0]["lr"] = lr_t
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        ref._tensor_step("adamw", p_r, g_r, st, t,
+                         _hyper(lr=lr_t, weight_decay=wd, weight_decay_mode=1.0, initial_lr=lr0))
+        _close(p_r, p_t, f"param after step {t}")
+
+
+def test_tensor_step_adafactor_matches_transformers():
+    from transformers.optimization import Adafactor
+
+    shape = (16, 24)
+    rng = _rng(6002)
+    p_t, p_r = _new_param(rng, shape)
+    opt = Adafactor([p_t], beta1=0.9, clip_threshold=0.5, weight_decay=0.1)
+    st = _adafactor_state(shape, 0.9)
+    for t in range(1, 21):
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        projected, clip = ref._tensor_step(
+            "adafactor", p_r, g_r, st, t,
+            _hyper(lr=0.0, eps=1e-30, adafactor_beta1=0.9, clip_threshold=0.5, weight_decay=0.1))
+        assert projected is False and clip >= 1.0
+        _close(p_r, p_t, f"param after step {t}")
+
+
+def test_tensor_step_adamp_reports_projection():
+    from adamp import AdamP
+
+    shape = (16, 32)
+    rng = _rng(6003)
+    p_t, p_r = _new_param(rng, shape)
+    opt = AdamP([p_t], lr=1e-2, weight_decay=0.1, nesterov=True)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    for t in range(1, 21):
+        g = _orthogonal_rows(_randn(rng, shape), p_t.detach().numpy())
+        g_r = _feed(p_t, g)
+        opt.step()
+        projected, clip = ref._tensor_step("adamp", p_r, g_r, st, t,
+                                           _hyper(weight_decay=0.1, nesterov=1.0))
+        assert projected and clip == 1.0
+        _close(p_r, p_t, f"param after step {t}")
+
+
+# ----------------------------------------------------------------------------- flat-buffer driver
+
+
+def test_step_over_flat_buffers_matches_per_tensor_oracles():
+    """`reference.step` over a multi-tensor flat layout, with per-tensor hyperparameters,
+    per-tensor step counts and an inactive tensor, equals one oracle per tensor.
+
+    Tensors: 0, 1 AdamW (lr mode; schedule mode with its own lr₀), 2 AdamW fixed mode, each
+    with its own lr; tensor 1 is skipped on every third step (its step count lags)."""
+    from optserve.kernels.layout import HYPER_KEYS, FlatLayout, FlatState
+
+    shapes = [(16, 24), (37,), (4, 3, 5)]
+    lr0s, wds, modes = [1e-2, 3e-3, 1e-2], [0.1, 1e-2, 1e-2], [0, 1, 2]
+    layout = FlatLayout(shapes, [{"exp_avg": s, "exp_avg_sq": s} for s in shapes])
+    state = FlatState.zeros(layout)
+    rng = _rng(7001)
+    oracles = []
+    for i, s in enumerate(shapes):
+        p_t, p_r = _new_param(rng, s)
+        layout.param_view(state.param, i)[...] = p_r
+        torch_wd = wds[i] if modes[i] == 0 else wds[i] / lr0s[i]
+        oracles.append((p_t, torch.optim.AdamW([p_t], lr=lr0s[i], weight_decay=torch_wd,
+                                               foreach=False)))
+    for t in range(1, 31):
+        active = np.array([True, t % 3 != 0, True])
+        grad = np.full(layout.numel, np.nan, np.float32)   # inactive segments must not be read
+        lrs = [_cosine_lr(lr0s[0], t, 30), _cosine_lr(lr0s[1], t, 30), lr0s[2]]
+        for i, (p_t, opt) in enumerate(oracles):
+            if not active[i]:
+                continue
+            g = _randn(rng, shapes[i])
+            layout.param_view(grad, i)[...] = _feed(p_t, g)
+            opt.param_groups[0]["lr"] = lrs[i]
+            opt.step()
+        state.steps[active] += 1
+        hyper = {k: np.array([_hyper(lr=lrs[i], weight_decay=wds[i], initial_lr=lr0s[i],
+                                     weight_decay_mode=float(modes[i]))[k] for i in range(3)],
+                             dtype=np.float64) for k in HYPER_KEYS}
+        out = ref.step("adamw", layout, state, grad, active, hyper)
+        assert not out["projected"].any() and (out["clip"] == 1.0).all()
+        for i, (p_t, opt) in enumerate(oracles):
+            _close(layout.param_view(state.param, i), p_t, f"tensor {i} after step {t}")
+            for name in ("exp_avg", "exp_avg_sq"):
+                _close(layout.field_view(state, name, i), opt.state[p_t][name],
+                       f"tensor {i} {name} after step {t}")
+    assert list(state.steps) == [30, 20, 30]
+
+
+def test_step_over_flat_buffers_adafactor_and_adamp():
+    """The driver with per-tensor state fields that differ in kind (factored vs not) and with
+    AdamP's `projected` flag reported per tensor."""
+    from adamp import AdamP
+    from optserve.kernels.layout import HYPER_KEYS, FlatLayout, FlatState
+    from transformers.optimization import Adafactor
+
+    # Adafactor: a factored matrix, a vector, a 3-D tensor.
+    shapes = [(16, 24), (37,), (6, 8, 10)]
+    fields = [_adafactor_state(s, None) for s in shapes]
+    layout = FlatLayout(shapes, [{k: v.shape for k, v in f.items()} for f in fields])
+    state = FlatState.zeros(layout)
+    rng = _rng(7002)
+    oracles = []
+    for i, s in enumerate(shapes):
+        p_t, p_r = _new_param(rng, s)
+        layout.param_view(state.param, i)[...] = p_r
+        oracles.append((p_t, Adafactor([p_t], clip_threshold=0.5, weight_decay=0.1)))
+    active = np.ones(3, bool)
+    hyper = {k: np.full(3, _hyper(lr=0.0, eps=1e-30, clip_threshold=0.5, weight_decay=0.1)[k],
+                        dtype=np.float64) for k in HYPER_KEYS}
+    for t in range(1, 21):
+        grad = np.empty(layout.numel, np.float32)
+        for i, (p_t, opt) in enumerate(oracles):
+            layout.param_view(grad, i)[...] = _feed(p_t, _randn(rng, shapes[i]))
+            opt.step()
+        state.steps += 1
+        out = ref.step("adafactor", layout, state, grad, active, hyper)
+        assert (out["clip"] >= 1.0).all() and not out["projected"].any()
+        for i, (p_t, opt) in enumerate(oracles):
+            _close(layout.param_view(state.param, i), p_t, f"tensor {i} after step {t}")
+            for name in layout.field_shapes[i]:
+                _close(layout.field_view(state, name, i), opt.state[p_t][name],
+                       f"tensor {i} {name} after step {t}")
+
+    # AdamP: tensor 0 gets row-orthogonal gradients (projected), tensor 1 aligned ones (not),
+    # tensor 2 is a vector (never).
+    shapes = [(16, 32), (8, 4, 3, 3), (37,)]
+    layout = FlatLayout(shapes, [{"exp_avg": s, "exp_avg_sq": s} for s in shapes])
+    state = FlatState.zeros(layout)
+    rng = _rng(7003)
+    oracles = []
+    for i, s in enumerate(shapes):
+        p_t, p_r = _new_param(rng, s)
+        layout.param_view(state.param, i)[...] = p_r
+        oracles.append((p_t, AdamP([p_t], lr=1e-2, weight_decay=0.1, nesterov=True)))
+    hyper = {k: np.full(3, _hyper(weight_decay=0.1, nesterov=1.0)[k], dtype=np.float64)
+             for k in HYPER_KEYS}
+    kinds = [_orthogonal_rows, _aligned, lambda g, p: g]
+    for t in range(1, 21):
+        grad = np.empty(layout.numel, np.float32)
+        for i, (p_t, opt) in enumerate(oracles):
+            g = kinds[i](_randn(rng, shapes[i]), p_t.detach().numpy())
+            layout.param_view(grad, i)[...] = _feed(p_t, g)
+            opt.step()
+        state.steps += 1
+        out = ref.step("adamp", layout, state, grad, active, hyper)
+        assert list(out["projected"]) == [True, False, False]
+        for i, (p_t, opt) in enumerate(oracles):
+            _close(layout.param_view(state.param, i), p_t, f"tensor {i} after step {t}")

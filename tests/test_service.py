@@ -1,0 +1,85 @@
+"""The service around the optimizer: the proto contract, health, reflection, the shard
+process's lifecycle and the dependency boundaries between worker and shard."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import DEVICE
+from models import make_data, make_model
+from optserve.client import RemoteOptimizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_matches_proto(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(tmp_path)], check=True)
+    committed = ROOT / "proto" / "v1"
+    generated = sorted(p.name for p in tmp_path.iterdir())
+    assert generated == sorted(p.name for p in committed.iterdir() if p.is_file()
+                               and not p.name.endswith(".pyc"))
+    for name in generated:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), (
+            f"proto/v1/{name} is stale: run `python proto/generate.py`")
+
+
+def test_health_and_reflection(shard):
+    channel = grpc.insecure_channel(shard.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "optserve.v1.Optimizer"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"optserve.v1.Optimizer", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_server_process_logs_jobs_and_exits_cleanly_on_sigterm():
+    proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
+                             "--grace", "2", "--device", DEVICE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        address = re.search(r"listening on (\S+)", line).group(1)
+        model = make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamp", servers=[address], job="lifecycle")
+        x, y = make_data()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+        assert "registered job 'lifecycle': optimizer=adamp" in log
+        assert "received SIGTERM" in log
+    finally:
+        proc.kill()
+
+
+BLOCK = "import sys\nfor m in {mods!r}: sys.modules[m] = None\n"
+
+
+@pytest.mark.parametrize("module,blocked", [
+    ("optserve.server", ["torch"]),
+    ("optserve.client", ["cupy", "numba", "prometheus_client"]),
+])
+def test_dependency_boundaries(module, blocked):
+    """The shard runs without torch; a worker needs neither cupy, numba nor prometheus."""
+    code = BLOCK.format(mods=blocked) + f"import {module}\n"
+    if module == "optserve.server":
+        code += (f"s = optserve.server.ShardServer(port=0, device={DEVICE!r}).start()\n"
+                 "s.stop(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
