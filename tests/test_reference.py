@@ -591,3 +591,62 @@ def test_step_over_flat_buffers_adafactor_and_adamp():
         assert list(out["projected"]) == [True, False, False]
         for i, (p_t, opt) in enumerate(oracles):
             _close(layout.param_view(state.param, i), p_t, f"tensor {i} after step {t}")
+
+
+# ----------------------------------------------------------------------------- exact zeros
+
+
+def _zero_masked(rng, shape) -> np.ndarray:
+    """A gradient with EXACT zeros: row 0 and column 0 (of the last two dims) every step, plus
+    ~20% scattered zeros. Exact zeros are deterministic (no rounding noise, unlike the trap of
+    OPTIMIZERS.md section 6): both sides must leave those moments at 0 (Adam) or at the ε1 floor
+    (Adafactor), and a missing ε1 shows up as 0/0."""
+    g = _randn(rng, shape)
+    g[rng.random(shape) < 0.2] = 0.0
+    if len(shape) >= 2:
+        g[..., 0, :] = 0.0
+        g[..., :, 0] = 0.0
+    elif len(shape) == 1:
+        g[:5] = 0.0
+    return g
+
+
+@pytest.mark.parametrize("shape_id", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("config", ["defaults", "beta1", "explicit-lr-noscale", "wd0.1"])
+def test_adafactor_exact_zero_gradients(config, shape_id):
+    from transformers.optimization import Adafactor
+
+    shape = SHAPES_ND[shape_id]
+    hf_kwargs = ADAFACTOR_CONFIGS[config]
+    rng = _rng(8000 + 11 * list(ADAFACTOR_CONFIGS).index(config) + list(SHAPES_ND).index(shape_id))
+    p_t, p_r = _new_param(rng, shape)
+    opt = Adafactor([p_t], **hf_kwargs)
+    kw = _ref_adafactor_kwargs(hf_kwargs)
+    st = _adafactor_state(shape, kw.get("beta1"))
+    for t in range(1, 21):
+        g_r = _feed(p_t, _zero_masked(rng, shape))
+        opt.step()
+        ref.adafactor(p_r, g_r, st, step=t, **kw)
+        assert np.isfinite(p_r).all()
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], sorted(st), t)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "adamp"])
+def test_adam_family_exact_zero_gradients(optimizer):
+    from adamp import AdamP
+
+    shape, lr, wd = (16, 24), 1e-2, 0.1
+    rng = _rng(8100 + ["adamw", "adam", "adamp"].index(optimizer))
+    p_t, p_r = _new_param(rng, shape)
+    oracle = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamp": AdamP}[optimizer]
+    extra = {} if optimizer == "adamp" else {"foreach": False}
+    opt = oracle([p_t], lr=lr, weight_decay=wd, **extra)
+    fn = getattr(ref, optimizer)
+    st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+    for t in range(1, 21):
+        g_r = _feed(p_t, _zero_masked(rng, shape))
+        opt.step()
+        fn(p_r, g_r, st, step=t, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd)
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)

@@ -1,0 +1,198 @@
+"""`optserve demo`: a shard and W worker processes on this machine train a small conv net.
+
+The task is generated, so nothing is downloaded, and has a known answer: 12x12 images of
+four shapes (square outline, plus, cross, disk) at random places and sizes under noise; a
+correct classifier reaches ~100 % accuracy. Workers split the data by rank and train in
+sync mode, so the shard averages their gradients each step. Each optimizer trains the
+same model from the same seed, one after another, and the summary compares them.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+CLASSES = ("square", "plus", "cross", "disk")
+SIZE = 12
+
+# Per optimizer: hyperparameters of a reasonable run on this task.
+RECIPES = {
+    "adamw": dict(lr=3e-3, weight_decay=0.05),
+    "adam": dict(lr=3e-3, weight_decay=1e-4),
+    "adamp": dict(lr=3e-3, weight_decay=0.05),
+    "adafactor": dict(lr=3e-3, relative_step=False, scale_parameter=False, weight_decay=0.0),
+}
+
+
+def make_shapes(n: int, seed: int):
+    """n noisy 1x12x12 images of the four shapes, and their labels."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
+    r = torch.randint(2, 5, (n,), generator=g)
+    cy = torch.randint(4, SIZE - 4, (n,), generator=g)
+    cx = torch.randint(4, SIZE - 4, (n,), generator=g)
+    images = torch.empty(n, 1, SIZE, SIZE)
+    for i in range(n):
+        dy, dx = (ys - cy[i]).abs(), (xs - cx[i]).abs()
+        inside = (dy <= r[i]) & (dx <= r[i])
+        shape = [
+            inside & ((dy == r[i]) | (dx == r[i])),              # square outline
+            inside & ((dy == 0) | (dx == 0)),                    # plus
+            inside & (dy == dx),                                 # cross
+            (dy**2 + dx**2) <= r[i] ** 2,                        # disk
+        ][int(labels[i])]
+        images[i, 0] = shape.float()
+    images += 0.3 * torch.randn(images.shape, generator=g)
+    return images, labels
+
+
+def make_model():
+    """Convs without bias before BatchNorm (their bias would only see rounding noise)."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 3 * 3, 64), nn.ReLU(), nn.Linear(64, len(CLASSES)))
+
+
+def param_groups(model, weight_decay: float):
+    decay = [(n, p) for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [(n, p) for n, p in model.named_parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class WorkerArgs:
+    rank: int
+    world_size: int
+    address: str
+    optimizer: str
+    steps: int
+    batch: int
+    job: str
+
+
+def worker(args: WorkerArgs, progress) -> None:
+    """One training process: its half of the data, a RemoteOptimizer, a cosine schedule."""
+    import torch
+    from optserve.client import RemoteOptimizer
+    torch.set_num_threads(1)
+    images, labels = make_shapes(2048, seed=1)
+    mine = slice(args.rank, None, args.world_size)
+    images, labels = images[mine], labels[mine]
+    model = make_model()
+    hyper = dict(RECIPES[args.optimizer])
+    opt = RemoteOptimizer(param_groups(model, hyper.pop("weight_decay")), args.optimizer,
+                          servers=[args.address], job=args.job, rank=args.rank,
+                          world_size=args.world_size, **hyper)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    g = torch.Generator().manual_seed(100 + args.rank)
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(labels), (args.batch,), generator=g)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        if args.rank == 0:
+            progress.put(("step", step, loss.item()))
+    if args.rank == 0:
+        test_x, test_y = make_shapes(512, seed=2)
+        model.eval()
+        with torch.no_grad():
+            logits = model(test_x)
+            test_loss = torch.nn.functional.cross_entropy(logits, test_y).item()
+            accuracy = (logits.argmax(1) == test_y).float().mean().item()
+        state = opt.state_dict()["state"]
+        state_bytes = sum(v.numel() * v.element_size() for s in state.values()
+                          for v in s.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+        progress.put(("done", test_loss, accuracy, state_bytes))
+    opt.close()
+
+
+def start_shard(device: str, log_path: str) -> tuple[subprocess.Popen, str]:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
+                                 "--device", device], stdout=subprocess.PIPE, stderr=log,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"the shard did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def show_progress(done: int, total: int, text: str, width: int = 30) -> None:
+    """A bar redrawn in place on a terminal; a line per quarter when output is a file."""
+    filled = width * done // total
+    line = f"  [{'#' * filled}{'.' * (width - filled)}] {done:>4}/{total} {text}"
+    if sys.stdout.isatty():
+        print("\r" + line, end="", flush=True)
+    elif done * 4 % total < 4:
+        print(line, flush=True)
+
+
+def train_one(optimizer: str, address: str, args: argparse.Namespace) -> dict:
+    ctx = mp.get_context("spawn")
+    progress = ctx.Queue()
+    job = f"demo-{optimizer}-{os.getpid()}"
+    procs = [ctx.Process(target=worker, args=(WorkerArgs(r, args.workers, address, optimizer,
+                                                         args.steps, 64, job), progress))
+             for r in range(args.workers)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    print(f"{optimizer}:")
+    result = None
+    while result is None:
+        try:
+            msg = progress.get(timeout=1.0)
+        except Exception:  # queue.Empty: check the workers are still alive
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise SystemExit(f"a {optimizer} worker failed")
+            continue
+        if msg[0] == "step":
+            show_progress(msg[1], args.steps, f"loss {msg[2]:.4f}")
+        else:
+            result = dict(optimizer=optimizer, test_loss=msg[1], accuracy=msg[2],
+                          state_bytes=msg[3], seconds=time.perf_counter() - start)
+    for p in procs:
+        p.join()
+    if sys.stdout.isatty():
+        print()
+    return result
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = set(optimizers) - set(RECIPES)
+    if unknown:
+        raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {sorted(RECIPES)}")
+    log_path = os.path.join(tempfile.mkdtemp(prefix="optserve-demo-"), "shard.log")
+    shard, address = start_shard(args.device, log_path)
+    print(f"optserve demo: shard on {address} ({args.device}), {args.workers} workers in sync mode, "
+          f"{args.steps} steps each, classifying {len(CLASSES)} generated shapes")
+    try:
+        results = [train_one(o, address, args) for o in optimizers]
+    finally:
+        shard.terminate()
+        shard.wait(timeout=30)
+    print("\nsummary (held-out set of 512 images)")
+    print(f"  {'optimizer':<10} {'test loss':>9} {'accuracy':>9} {'state bytes':>12} {'time':>7}")
+    for r in results:
+        print(f"  {r['optimizer']:<10} {r['test_loss']:>9.4f} {100 * r['accuracy']:>8.1f}% "
+              f"{r['state_bytes']:>12,} {r['seconds']:>6.1f}s")
+    print(f"\nshard log: {log_path}")
+    return 0
