@@ -9,7 +9,9 @@ and copies the updated parameters that come back into `param.data`.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,7 +21,7 @@ import torch
 
 from optserve.proto import optimizers
 from optserve.proto.errors import InvalidArgument, OptserveError, from_rpc_error
-from optserve.proto.spec import DTYPE_NAMES, Assembler, chunks, numel, place
+from optserve.proto.spec import DTYPE_NAMES, Assembler, chunks, decode, numel, place
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -28,6 +30,10 @@ if sys.byteorder != "little":  # the wire format is little-endian and we send na
 
 _TORCH_WIRE = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
+# Failures after which the same request is sent again: the shard answers a repeated
+# (job, worker, step) from the result it already computed, so a retry is never applied twice.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+log = logging.getLogger("optserve.client")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
                     ("grpc.max_send_message_length", 8 * 1024 * 1024)]
 
@@ -42,8 +48,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
       job: the job's name; every worker of one training run uses the same.
       rank, world_size: this worker's index and the number of workers (torch.distributed's names).
       mode: "sync" (average all workers' gradients, one step) or "async".
-      grad_dtype: wire dtype of gradients: "float32", "bfloat16" or "float16".
-      timeout: seconds for any one call.
+      backup_workers: sync: step once all but this many workers have sent; a late gradient
+        is dropped (and counted) and the worker takes the new parameters.
+      max_staleness: async: drop gradients computed on a version more than this behind.
+      staleness_lr: async: scale lr by 1/staleness for stale gradients.
+      timeout: sync: seconds a step waits for the other workers (None: the shard's default).
+      on_timeout: sync: "fail" (DEADLINE_EXCEEDED, nothing applied, retried by the client) or
+        "proceed" (step with the workers present; the missing ones rejoin when they return).
+      grad_dtype, param_dtype: wire dtypes of gradients and of returned parameters:
+        "float32", "bfloat16" or "float16". Master weights and state stay float32.
+      rpc_timeout: seconds for any one call; retries: attempts on UNAVAILABLE or
+        DEADLINE_EXCEEDED, with exponential backoff.
       **hyperparameters: under the peer optimizer's names (lr, betas, eps, weight_decay, ...;
         weight_decay_mode for adamw; delta, wd_ratio, nesterov for adamp; HF's names for
         adafactor).
@@ -51,7 +66,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer: str = "adamw", *, servers: Sequence[str], job: str,
                  rank: int = 0, world_size: int = 1, mode: str = "sync",
-                 grad_dtype: str = "float32", timeout: float | None = 600.0, **hyperparameters):
+                 backup_workers: int = 0, max_staleness: int | None = None,
+                 staleness_lr: bool = False, timeout: float | None = None,
+                 on_timeout: str = "fail", grad_dtype: str = "float32",
+                 param_dtype: str = "float32", rpc_timeout: float | None = 600.0,
+                 retries: int = 5, **hyperparameters):
         info = optimizers.REGISTRY.get(optimizer)
         if info is None:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimizers.REGISTRY)}")
@@ -60,8 +79,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{optimizer} got unexpected hyperparameters {sorted(unknown)}")
         if mode not in _MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
-        if grad_dtype not in DTYPE_NAMES:
-            raise ValueError(f"grad_dtype must be one of {sorted(DTYPE_NAMES)}, got {grad_dtype!r}")
+        for name, dtype in (("grad_dtype", grad_dtype), ("param_dtype", param_dtype)):
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        if on_timeout not in ("fail", "proceed"):
+            raise ValueError(f"on_timeout must be 'fail' or 'proceed', got {on_timeout!r}")
+        if not 0 <= backup_workers < world_size:
+            raise ValueError(f"backup_workers must be in [0, world_size), got {backup_workers}")
         if not servers:
             raise ValueError("servers must name at least one shard")
         if not 0 <= rank < world_size:
@@ -70,19 +94,30 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.info = info
         self.job = job
         self.rank = rank
-        self.timeout = timeout
+        self.rpc_timeout = rpc_timeout
+        self.retries = retries
+        self.dropped_steps = 0
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._initial_lrs = [g.get("initial_lr", g["lr"]) or 0.0 for g in self.param_groups]
         for g in self.param_groups:
             self._group_proto(g, 0)  # conflicting or bad values fail here, not at the first step
         self.spec = self._build_spec(mode, world_size, grad_dtype, len(servers))
+        self.spec.backup_workers = backup_workers
+        if max_staleness is not None:
+            self.spec.max_staleness = max_staleness
+        self.spec.staleness_lr = staleness_lr
+        self.spec.barrier_timeout_s = timeout or 0.0
+        self.spec.proceed_on_timeout = on_timeout == "proceed"
+        self.spec.param_dtype = DTYPE_NAMES[param_dtype]
         self._wire_dtype = _TORCH_WIRE[self.spec.grad_dtype]
         home = place([numel(t.shape) for t in self.spec.tensors], len(servers))
         self._shard_tensors = [[i for i, s in enumerate(home) if s == k] for k in range(len(servers))]
+        _warn_if_unbalanced(self.spec, home, len(servers))
         self._channels = [grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in servers]
         self._stubs = [pb_grpc.OptimizerStub(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="optserve-client")
-        self._step_no = [0] * len(servers)
+        self._step_no = [0] * len(servers)   # the last step completed, per shard
+        self._version = [0] * len(servers)   # the parameter version held, per shard
         self._register()
 
     # ---- construction ------------------------------------------------------------------
@@ -117,10 +152,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             payload = _flat_bytes([self._params[t] for t in self._shard_tensors[shard]], torch.float32)
             msgs = [pb.RegisterJobRequest(header=header)]
             msgs += [pb.RegisterJobRequest(chunk=c) for c in chunks(payload)]
-            return self._stubs[shard].RegisterJob(iter(msgs), timeout=self.timeout)
+            return self._retrying(lambda: self._stubs[shard].RegisterJob(iter(msgs),
+                                                                          timeout=self.rpc_timeout))
 
         for shard, reply in enumerate(self._call_all(register)):
-            self._step_no[shard] = reply.version
+            self._step_no[shard], self._version[shard] = reply.last_step, reply.version
             if not reply.created:  # the job's parameters win over this worker's initial ones
                 self._write_back(*self._pull(shard))
 
@@ -145,7 +181,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]
         step = self._step_no[shard] + 1
         header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
-                               groups=groups, dtype=self.spec.grad_dtype)
+                               groups=groups, dtype=self.spec.grad_dtype,
+                               version=self._version[shard])
         payload = _flat_bytes([self._params[t].grad for t in tensors], self._wire_dtype)
 
         def requests():
@@ -153,9 +190,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for c in chunks(payload):
                 yield pb.StepRequest(chunk=c)
 
-        reply = _receive_tensors(self._stubs[shard].Step(requests(), timeout=self.timeout), "Step")
-        self._step_no[shard] = step
-        return reply
+        reply, values = self._retrying(lambda: _receive_tensors(
+            self._stubs[shard].Step(requests(), timeout=self.rpc_timeout)))
+        if reply.dropped:
+            self.dropped_steps += 1
+            log.info("job %r: shard %d dropped this worker's %s gradient for step %d",
+                     self.job, shard, reply.drop_reason, step)
+        # sync: steps are numbered by version, so a late worker catches up to the job's.
+        self._step_no[shard] = reply.version if self.spec.mode == pb.SYNC else step
+        self._version[shard] = reply.version
+        return list(reply.tensors), values
 
     def _write_back(self, tensors: list[int], values: np.ndarray) -> None:
         pos = 0
@@ -166,9 +210,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             pos += n
 
     def _pull(self, shard: int) -> tuple[list[int], np.ndarray]:
-        stream = self._stubs[shard].PullParameters(pb.PullParametersRequest(job=self.job),
-                                                   timeout=self.timeout)
-        return _receive_tensors(stream, "PullParameters")
+        reply, values = self._retrying(lambda: _receive_tensors(self._stubs[shard].PullParameters(
+            pb.PullParametersRequest(job=self.job), timeout=self.rpc_timeout)))
+        self._version[shard] = reply.version
+        return list(reply.tensors), values
 
     def pull_parameters(self) -> None:
         """Overwrites the local parameters with the shards' current values."""
@@ -213,7 +258,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         header, parts = None, []
         try:
             for msg in self._stubs[shard].GetOptimizerState(
-                    pb.GetOptimizerStateRequest(job=self.job), timeout=self.timeout):
+                    pb.GetOptimizerStateRequest(job=self.job), timeout=self.rpc_timeout):
                 if msg.WhichOneof("kind") == "header":
                     header = msg.header
                 else:
@@ -245,7 +290,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         header.total_bytes = offset
         payload = b"".join(parts)
         msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload)]
-        return self._stubs[shard].SetOptimizerState(iter(msgs), timeout=self.timeout)
+        return self._stubs[shard].SetOptimizerState(iter(msgs), timeout=self.rpc_timeout)
 
     # ---- plumbing -----------------------------------------------------------------------
     def _call_all(self, fn, shards: Iterable[int] | None = None) -> list:
@@ -260,7 +305,32 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise from_rpc_error(e) from None
         return results
 
-    def close(self) -> None:
+    def _retrying(self, call):
+        """call() until it succeeds, retrying UNAVAILABLE and DEADLINE_EXCEEDED with backoff."""
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE or attempt == self.retries:
+                    raise
+                log.info("job %r: %s (%s); retrying in %.2fs", self.job, e.code().name,
+                         e.details(), delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def leave(self) -> None:
+        """Tells the shards this worker is gone, so sync steps stop waiting for it."""
+        request = pb.LeaveJobRequest(job=self.job, worker=self.rank)
+        self._call_all(lambda k: self._stubs[k].LeaveJob(request, timeout=self.rpc_timeout))
+
+    def close(self, leave: bool = True) -> None:
+        """Leaves the job (unless leave=False) and closes the connections."""
+        if leave:
+            try:
+                self.leave()
+            except OptserveError as e:  # closing must not fail because a shard is gone
+                log.info("job %r: could not leave cleanly: %s", self.job, e)
         self._pool.shutdown(wait=False)
         for c in self._channels:
             c.close()
@@ -280,17 +350,31 @@ def _flat_bytes(tensors: list[torch.Tensor], dtype: torch.dtype) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def _receive_tensors(stream, what: str) -> tuple[list[int], np.ndarray]:
-    """Reads a TensorHeader + chunks stream into (spec indices, float32 values)."""
-    try:
-        it = iter(stream)
-        first = next(it)
-        if first.WhichOneof("kind") != "header":
-            raise OptserveError(f"{what}: the shard's reply did not start with a header")
-        header = first.header
-        raw = Assembler(header.total_bytes, f"{what} reply")
-        for msg in it:
-            raw.add(msg.chunk)
-        return list(header.tensors), raw.finish().view("<f4")
-    except grpc.RpcError as e:
-        raise from_rpc_error(e) from None
+def _receive_tensors(stream) -> tuple[pb.TensorHeader, np.ndarray]:
+    """Reads a TensorHeader + chunks stream into (header, float32 values)."""
+    it = iter(stream)
+    first = next(it)
+    if first.WhichOneof("kind") != "header":
+        raise OptserveError("the shard's reply did not start with a header")
+    header = first.header
+    raw = Assembler(header.total_bytes, "shard reply")
+    for msg in it:
+        raw.add(msg.chunk)
+    itemsize = 4 if header.dtype == pb.FLOAT32 else 2
+    values = np.empty(header.total_bytes // itemsize, np.float32)
+    decode(raw.finish(), header.dtype, values)
+    return header, values
+
+
+def _warn_if_unbalanced(spec: pb.JobSpec, home: list[int], num_shards: int) -> None:
+    """Placement is by whole tensors; one huge tensor can leave the shards uneven."""
+    if num_shards < 2:
+        return
+    loads = [0] * num_shards
+    for t, s in zip(spec.tensors, home):
+        loads[s] += numel(t.shape)
+    mean = sum(loads) / num_shards
+    if max(loads) > 1.25 * mean:
+        log.warning("job %r: placement is unbalanced (shard loads %s params, the largest tensor "
+                    "has %d); tensors are never split across shards", spec.job, loads,
+                    max(numel(t.shape) for t in spec.tensors))

@@ -97,3 +97,17 @@ def decode(raw: np.ndarray, dtype: int, out: np.ndarray) -> None:
         np.left_shift(raw.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
         raise InvalidArgument(f"unsupported wire dtype {pb.DType.Name(dtype)}")
+
+
+def encode(values: np.ndarray, dtype: int) -> bytes:
+    """Encodes float32 `values` as little-endian wire bytes of `dtype`."""
+    if dtype == pb.FLOAT32:
+        return values.astype("<f4", copy=False).tobytes()
+    if dtype == pb.FLOAT16:
+        return values.astype("<f2").tobytes()
+    if dtype == pb.BFLOAT16:
+        # Round to nearest even on the 16 bits that are dropped.
+        bits = values.astype(np.float32, copy=False).view(np.uint32)
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+        return (rounded >> 16).astype("<u2").tobytes()
+    raise InvalidArgument(f"unsupported wire dtype {pb.DType.Name(dtype)}")

@@ -1,10 +1,11 @@
 """One job's state on one shard, and the rules of its Step.
 
 A Step goes: validate the header -> receive every chunk into a buffer -> decode and check
-the gradient -> [sync] wait until every worker's gradient for this step is in -> average in
-rank order -> one backend call over the flat state -> version += 1 -> answer everyone with
-the same snapshot of the updated parameters. Nothing touches the state before the whole
-request has been validated, so a refused request changes nothing.
+the gradient -> admit it (in order? late? too stale?) -> [sync] wait until the quorum of
+workers has sent this step -> average in rank order -> one backend call over the flat state
+-> version += 1 -> answer everyone with the same snapshot of the updated parameters.
+Nothing touches the state before the whole request has been validated, so a refused
+request changes nothing.
 """
 from __future__ import annotations
 
@@ -21,18 +22,23 @@ from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState
 from optserve.proto import optimizers
 from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                                    NotFound)
-from optserve.proto.spec import WIRE_ITEMSIZE, Assembler, decode, shard_tensors, spec_key
+from optserve.proto.spec import WIRE_ITEMSIZE, Assembler, decode, encode, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.server")
 
+# Why a gradient was received but not applied; a closed set (metric labels use it).
+LATE, STALE = "late", "stale"
+
 
 @dataclass
 class Result:
-    """What a finished step answers: the parameters of the stepped tensors after it."""
+    """What a step answers: parameters (in the job's param wire dtype) after it."""
     version: int
-    tensors: list[int]            # spec indices
-    payload: bytes                # float32, little-endian, in `tensors` order
+    tensors: list[int]            # spec indices, in payload order
+    payload: bytes
+    dtype: int = pb.FLOAT32
+    dropped: str = ""             # "" when applied, else LATE or STALE
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Contribution:
     local: np.ndarray             # local tensor indices, ascending
     grad: np.ndarray              # float32, full flat layout (only `local` segments valid)
     groups: list[pb.Hyperparameters]
+    staleness: int = 0
 
 
 @dataclass
@@ -52,6 +59,14 @@ class Round:
     result: Result | None = None
 
 
+@dataclass
+class StepStats:
+    """What one finished step measured, for whoever exports metrics."""
+    backend_seconds: float
+    workers: int
+    stats: dict
+
+
 class Job:
     def __init__(self, spec: pb.JobSpec, shard: int, backend, params: np.ndarray,
                  barrier_timeout: float):
@@ -60,7 +75,8 @@ class Job:
         self.key = spec_key(spec)
         self.shard = shard
         self.backend = backend
-        self.barrier_timeout = barrier_timeout
+        self.barrier_timeout = spec.barrier_timeout_s or barrier_timeout
+        self.param_dtype = spec.param_dtype or pb.FLOAT32
         self.info = optimizers.get(spec.optimizer)
         self.tensors = shard_tensors(spec, shard)
         self.local_of = {t: k for k, t in enumerate(self.tensors)}
@@ -73,24 +89,43 @@ class Job:
         self.version = 0
         self.cond = threading.Condition()
         self.round: Round | None = None
+        self.members = set(range(spec.num_workers))   # workers a sync step waits for
         self.worker_step: dict[int, int] = {}
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
+        self.dropped = {LATE: 0, STALE: 0}
+        self.last_stats: StepStats | None = None
 
-    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def sync(self) -> bool:
+        return self.spec.mode == pb.SYNC
+
     def payload_bytes(self, local: Iterable[int], itemsize: int) -> int:
         return int(sum(self.layout.sizes[k] for k in local)) * itemsize
 
-    @property
-    def param_bytes(self) -> int:
-        return self.layout.numel * 4
-
-    # ---- registration of another worker -------------------------------------------------
-    def join(self, worker: int) -> int:
-        """A worker (re)joins: its step counter restarts from the current version."""
+    # ---- membership ---------------------------------------------------------------------
+    def join(self, worker: int) -> tuple[int, int]:
+        """A worker (re)joins; returns (version, the last step it completed)."""
         with self.cond:
-            self.worker_step[worker] = self.version
-            return self.version
+            self.members.add(worker)
+            if self.sync:
+                return self.version, self.version
+            return self.version, self.worker_step.get(worker, 0)
+
+    def leave(self, worker: int) -> None:
+        """Sync steps stop waiting for `worker`; a waiting round may now be complete."""
+        self._check_worker(worker)
+        with self.cond:
+            self.members.discard(worker)
+            if self.round is not None and self._quorum_reached(self.round):
+                self._finish(self.round)
+        log.info("job %r: worker %d left; %d present", self.name, worker, len(self.members))
+
+    def _quorum(self) -> int:
+        return max(1, len(self.members) - self.spec.backup_workers)
+
+    def _quorum_reached(self, rnd: Round) -> bool:
+        return bool(rnd.contributions) and len(rnd.contributions) >= self._quorum()
 
     # ---- Step ---------------------------------------------------------------------------
     def step(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Result:
@@ -100,8 +135,12 @@ class Job:
             if cached is not None:
                 _drain(chunks)
                 return cached
-            self._check_order(worker, header.step)
+            self._check_order(worker, header)
             contribution = self._receive(header, chunks)
+            with self.cond:
+                reason = self._drop_reason(contribution, header.version)
+                if reason:
+                    return self._drop(contribution, reason)
             return self._apply(contribution)
 
     def _check_worker(self, worker: int) -> int:
@@ -118,15 +157,44 @@ class Job:
                 return done[1]
         return None
 
-    def _check_order(self, worker: int, step: int) -> None:
+    def _check_order(self, worker: int, header: pb.StepHeader) -> None:
         with self.cond:
-            expected = self.worker_step.get(worker, self.version) + 1
-            if self.spec.mode == pb.SYNC:
+            if header.version > self.version:
+                raise InvalidArgument(f"job {self.name!r}: gradient computed on version "
+                                      f"{header.version}, but the job is at {self.version}")
+            if self.sync:
+                ok = header.step <= self.version + 1   # earlier ones are late, not wrong
                 expected = self.version + 1
-            if step != expected:
+            else:
+                expected = self.worker_step.get(worker, 0) + 1
+                ok = header.step == expected
+            if not ok:
                 raise FailedPrecondition(
-                    f"job {self.name!r}: step {step} from worker {worker} is out of order; "
+                    f"job {self.name!r}: step {header.step} from worker {worker} is out of order; "
                     f"the job is at version {self.version} and expects step {expected}")
+
+    def _drop_reason(self, c: Contribution, version: int) -> str:
+        """LATE for a sync step already taken without this worker, STALE for an async gradient
+        older than max_staleness. Called with the lock held."""
+        if self.sync:
+            return LATE if c.step <= self.version else ""
+        c.staleness = self.version - version
+        if self.spec.HasField("max_staleness") and c.staleness > self.spec.max_staleness:
+            return STALE
+        return ""
+
+    def _drop(self, c: Contribution, reason: str) -> Result:
+        self.dropped[reason] += 1
+        self.members.add(c.worker)  # it is alive after all: wait for it again
+        if not self.sync:
+            self.worker_step[c.worker] = c.step
+        all_local = np.arange(self.layout.num_tensors)
+        result = Result(self.version, list(self.tensors), self._snapshot(all_local),
+                        self.param_dtype, reason)
+        self.results[c.worker] = (c.step, result)
+        log.info("job %r: dropped %s gradient of worker %d for step %d (version %d)",
+                 self.name, reason, c.worker, c.step, self.version)
+        return result
 
     def _receive(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Contribution:
         """Validates the header, receives the whole payload and decodes it. No state is touched."""
@@ -137,7 +205,8 @@ class Job:
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
         itemsize = WIRE_ITEMSIZE[header.dtype]
-        raw = Assembler(self.payload_bytes(local, itemsize), f"job {self.name!r} step {header.step} gradient")
+        raw = Assembler(self.payload_bytes(local, itemsize),
+                        f"job {self.name!r} step {header.step} gradient")
         for chunk in chunks:
             raw.add(chunk)
         wire = raw.finish()
@@ -186,34 +255,47 @@ class Job:
 
     def _apply(self, c: Contribution) -> Result:
         with self.cond:
-            if self.spec.mode == pb.ASYNC:
+            if not self.sync:
                 return self._finish(Round(c.step, {c.worker: c}))
+            self.members.add(c.worker)
             if self.round is None:
                 self.round = Round(c.step)
             rnd = self.round
             rnd.contributions[c.worker] = c
-            if len(rnd.contributions) == self.spec.num_workers:
+            if self._quorum_reached(rnd):
                 return self._finish(rnd)
-            if not self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout):
-                del rnd.contributions[c.worker]
-                if not rnd.contributions:
-                    self.round = None
-                missing = sorted(set(range(self.spec.num_workers)) - set(rnd.contributions) - {c.worker})
-                raise DeadlineExceeded(
-                    f"job {self.name!r}: step {c.step} timed out after {self.barrier_timeout:g}s "
-                    f"waiting for workers {missing}; nothing was applied, retry the step")
-            return rnd.result
+            if self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout):
+                return rnd.result
+            return self._barrier_timed_out(rnd, c)
+
+    def _barrier_timed_out(self, rnd: Round, c: Contribution) -> Result:
+        """Proceed with the workers present, or withdraw this gradient and fail the step."""
+        missing = sorted(self.members - set(rnd.contributions))
+        if self.spec.proceed_on_timeout:
+            log.warning("job %r: step %d waited %.3gs; presuming workers %s gone, stepping with %d",
+                        self.name, rnd.step, self.barrier_timeout, missing, len(rnd.contributions))
+            self.members -= set(missing)
+            return self._finish(rnd)
+        del rnd.contributions[c.worker]
+        if not rnd.contributions:
+            self.round = None
+        raise DeadlineExceeded(
+            f"job {self.name!r}: step {c.step} timed out after {self.barrier_timeout:g}s "
+            f"waiting for workers {missing}; nothing was applied, retry the step")
 
     def _finish(self, rnd: Round) -> Result:
         """Runs the optimizer on the round's averaged gradient. Called with the lock held."""
         grad, active = self._average(rnd.contributions)
         first = rnd.contributions[min(rnd.contributions)]
         self.state.steps[active] += 1
-        self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active,
-                          self._hyper_arrays(first.groups))
+        start = time.perf_counter()
+        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active,
+                                  self._hyper_arrays(first.groups, first.staleness))
+        self.last_stats = StepStats(time.perf_counter() - start, len(rnd.contributions), stats)
         self.version += 1
         stepped = np.flatnonzero(active)
-        result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped))
+        result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped),
+                        self.param_dtype)
         rnd.result = result
         for w, c in rnd.contributions.items():
             self.results[w] = (c.step, result)
@@ -251,16 +333,21 @@ class Job:
                 total[o:o + n] /= np.float32(count[k])
         return total, active
 
-    def _hyper_arrays(self, groups: list[pb.Hyperparameters]) -> dict[str, np.ndarray]:
+    def _hyper_arrays(self, groups: list[pb.Hyperparameters], staleness: int) -> dict[str, np.ndarray]:
         """Per-tensor float64 arrays of every hyperparameter, from per-group values."""
         per_group = {key: np.array([_hyper_value(h, key) for h in groups], np.float64)
                      for key in HYPER_KEYS}
+        if self.spec.staleness_lr and staleness > 1:
+            per_group["lr"] /= staleness
         return {key: vals[self.seg_group] for key, vals in per_group.items()}
 
     def _snapshot(self, local: np.ndarray) -> bytes:
         if len(local) == self.layout.num_tensors:
-            return self.state.param.tobytes()
-        return b"".join(self.layout.param_view(self.state.param, k).tobytes() for k in local)
+            values = self.state.param
+        else:
+            values = np.concatenate([self.layout.param_view(self.state.param, k).reshape(-1)
+                                     for k in local]) if len(local) else self.state.param[:0]
+        return encode(values, self.param_dtype)
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:
@@ -302,10 +389,10 @@ class Job:
                                       f"{self.spec.tensors[key[0]].name!r} has shape {tuple(e.shape)}, "
                                       f"expected {shape}")
             total = max(total, e.offset + 4 * math.prod(shape))
-        raw = Assembler(header.total_bytes, f"job {self.name!r} optimizer state")
         if header.total_bytes < total:
             raise InvalidArgument(f"state payload of {header.total_bytes} bytes is smaller than "
                                   f"its entries need ({total})")
+        raw = Assembler(header.total_bytes, f"job {self.name!r} optimizer state")
         for chunk in chunks:
             raw.add(chunk)
         payload = raw.finish()

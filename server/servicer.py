@@ -64,9 +64,11 @@ def split_stream(requests: Iterator, what: str):
 
 
 def _tensor_stream(result: Result, message):
-    """A TensorHeader then the chunks of a float32 payload, as `message` objects."""
+    """A TensorHeader then the chunks of its payload, as `message` objects."""
     yield message(header=pb.TensorHeader(version=result.version, tensors=result.tensors,
-                                         total_bytes=len(result.payload), dtype=pb.FLOAT32))
+                                         total_bytes=len(result.payload), dtype=result.dtype,
+                                         dropped=bool(result.dropped),
+                                         drop_reason=result.dropped))
     for c in chunks(result.payload):
         yield message(chunk=c)
 
@@ -78,8 +80,7 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     @translate_errors
     def RegisterJob(self, request_iterator, context):
         header, body = split_stream(request_iterator, "RegisterJob")
-        job, created, version = self.store.register(header, body)
-        return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors)
+        return self.store.register(header, body)
 
     @translate_errors_stream
     def Step(self, request_iterator, context):
@@ -103,3 +104,8 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         header, body = split_stream(request_iterator, "SetOptimizerState")
         version = self.store.job(header.job).set_state(header, body)
         return pb.SetOptimizerStateResponse(version=version)
+
+    @translate_errors
+    def LeaveJob(self, request, context):
+        self.store.job(request.job).leave(request.worker)
+        return pb.LeaveJobResponse()

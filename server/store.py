@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Iterable
 
@@ -29,10 +30,8 @@ class ShardStore:
         except KeyError:
             raise NotFound(f"unknown job {name!r}") from None
 
-    def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> tuple[Job, bool, int]:
-        """Creates the job from the first complete registration, or joins the existing one.
-
-        Returns (job, created, version)."""
+    def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> pb.RegisterJobResponse:
+        """Creates the job from the first complete registration, or joins the existing one."""
         spec = header.spec
         validate_spec(spec, header.shard, header.worker)
         existing = self.jobs.get(spec.job)
@@ -48,14 +47,17 @@ class ShardStore:
             raise InvalidArgument(f"job {spec.job!r}: non-finite initial parameters")
         with self.lock:
             existing = self.jobs.get(spec.job)
-            if existing is not None:
-                _check_same_spec(existing, spec, header.shard)
-                return existing, False, existing.join(header.worker)
-            job = Job(spec, header.shard, self.backend, params, self.barrier_timeout)
-            self.jobs[spec.job] = job
-        job.join(header.worker)
-        _log_registered(job)
-        return job, True, 0
+            job, created = self.jobs.get(spec.job), False
+            if job is not None:
+                _check_same_spec(job, spec, header.shard)
+            else:
+                job, created = Job(spec, header.shard, self.backend, params, self.barrier_timeout), True
+                self.jobs[spec.job] = job
+        if created:
+            _log_registered(job)
+        version, last_step = job.join(header.worker)
+        return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors,
+                                      last_step=last_step)
 
 
 def validate_spec(spec: pb.JobSpec, shard: int, worker: int) -> None:
@@ -83,6 +85,12 @@ def validate_spec(spec: pb.JobSpec, shard: int, worker: int) -> None:
     check(shard < spec.num_shards, f"shard {shard} out of range [0, {spec.num_shards})")
     check(spec.grad_dtype in (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16), "grad_dtype must be set")
     check(spec.mode in (pb.SYNC, pb.ASYNC), f"unknown consistency mode {spec.mode}")
+    check(spec.backup_workers < spec.num_workers,
+          f"backup_workers ({spec.backup_workers}) must be fewer than the workers ({spec.num_workers})")
+    check(spec.param_dtype in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16),
+          "unknown param_dtype")
+    check(math.isfinite(spec.barrier_timeout_s) and spec.barrier_timeout_s >= 0,
+          "barrier_timeout_s must be >= 0")
 
 
 def _check_same_spec(job: Job, spec: pb.JobSpec, shard: int) -> None:
@@ -110,7 +118,8 @@ def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
 def _log_registered(job: Job) -> None:
     spec = job.spec
     log.info("registered job %r: optimizer=%s, %d of %d tensors (%d params) on shard %d/%d, "
-             "%d worker(s), %s, gradients as %s, state %.1f MB on %s",
+             "%d worker(s), %s, gradients as %s, parameters back as %s, state %.1f MB on %s",
              spec.job, spec.optimizer, len(job.tensors), len(spec.tensors), job.layout.numel,
              job.shard, spec.num_shards, spec.num_workers, pb.ConsistencyMode.Name(spec.mode).lower(),
-             pb.DType.Name(spec.grad_dtype).lower(), job.layout.state_bytes() / 1e6, job.backend.name)
+             pb.DType.Name(spec.grad_dtype).lower(), pb.DType.Name(job.param_dtype).lower(),
+             job.layout.state_bytes() / 1e6, job.backend.name)

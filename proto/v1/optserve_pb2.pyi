@@ -87,7 +87,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("job", "optimizer", "tensors", "groups", "num_workers", "mode", "grad_dtype", "num_shards")
+    __slots__ = ("job", "optimizer", "tensors", "groups", "num_workers", "mode", "grad_dtype", "num_shards", "backup_workers", "max_staleness", "staleness_lr", "barrier_timeout_s", "proceed_on_timeout", "param_dtype")
     JOB_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,12 @@ class JobSpec(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     GRAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_LR_FIELD_NUMBER: _ClassVar[int]
+    BARRIER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PROCEED_ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
     job: str
     optimizer: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -104,7 +110,13 @@ class JobSpec(_message.Message):
     mode: ConsistencyMode
     grad_dtype: DType
     num_shards: int
-    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    backup_workers: int
+    max_staleness: int
+    staleness_lr: bool
+    barrier_timeout_s: float
+    proceed_on_timeout: bool
+    param_dtype: DType
+    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_lr: _Optional[bool] = ..., barrier_timeout_s: _Optional[float] = ..., proceed_on_timeout: _Optional[bool] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -133,14 +145,28 @@ class RegisterHeader(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class RegisterJobResponse(_message.Message):
-    __slots__ = ("created", "version", "tensors")
+    __slots__ = ("created", "version", "tensors", "last_step")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     created: bool
     version: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ...) -> None: ...
+    last_step: int
+    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., last_step: _Optional[int] = ...) -> None: ...
+
+class LeaveJobRequest(_message.Message):
+    __slots__ = ("job", "worker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class LeaveJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -151,20 +177,22 @@ class StepRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class StepHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype")
+    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype", "version")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
     groups: _containers.RepeatedCompositeFieldContainer[Hyperparameters]
     dtype: DType
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    version: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -175,16 +203,20 @@ class StepResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("version", "tensors", "total_bytes", "dtype")
+    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DROP_REASON_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
     dtype: DType
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    dropped: bool
+    drop_reason: str
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ...) -> None: ...
 
 class PullParametersRequest(_message.Message):
     __slots__ = ("job",)

@@ -59,6 +59,11 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StateStream.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.SetOptimizerStateResponse.FromString,
                 _registered_method=True)
+        self.LeaveJob = channel.unary_unary(
+                '/optserve.v1.Optimizer/LeaveJob',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -102,6 +107,13 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaveJob(self, request, context):
+        """A worker leaves the job: sync steps stop waiting for it. Registering again rejoins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.SetOptimizerState,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StateStream.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.SetOptimizerStateResponse.SerializeToString,
+            ),
+            'LeaveJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveJob,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class Optimizer:
             '/optserve.v1.Optimizer/SetOptimizerState',
             optserve_dot_proto_dot_v1_dot_optserve__pb2.StateStream.SerializeToString,
             optserve_dot_proto_dot_v1_dot_optserve__pb2.SetOptimizerStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/LeaveJob',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
