@@ -241,14 +241,25 @@ def step(optimizer, layout, state, grad, active, hyper):
     """The reference over a job's flat buffers: one tensor at a time, the same signature as
     every backend's `step`. Steps in `state.steps` are already incremented for active tensors.
 
-    Returns {"projected": bool[T], "clip": float64[T]}.
+    Returns per-tensor statistics: "projected" (bool, AdamP), "clip" (Adafactor's divisor),
+    and, in float64, the sums the metrics need: "w2" = ||w_t||², "wdw" = <w_t, Δw>,
+    "dw2" = ||Δw||², "g2" = ||g||², with Δw = w_{t+1} − w_t.
     """
     n = layout.num_tensors
-    projected, clip = np.zeros(n, bool), np.ones(n, np.float64)
+    stats = {"projected": np.zeros(n, bool), "clip": np.ones(n, np.float64)}
+    stats.update({key: np.zeros(n, np.float64) for key in ("w2", "wdw", "dw2", "g2")})
     for i in np.flatnonzero(active):
         p = layout.param_view(state.param, i)
         g = layout.param_view(grad, i)
         st = {name: layout.field_view(state, name, i) for name in layout.field_shapes[i]}
         h = {k: float(v[i]) for k, v in hyper.items()}
-        projected[i], clip[i] = _tensor_step(optimizer, p, g, st, int(state.steps[i]), h)
-    return {"projected": projected, "clip": clip}
+        before = p.astype(np.float64)
+        stats["projected"][i], stats["clip"][i] = _tensor_step(
+            optimizer, p, g, st, int(state.steps[i]), h)
+        delta = p.astype(np.float64) - before
+        g64 = g.astype(np.float64)
+        stats["w2"][i] = np.vdot(before, before)
+        stats["wdw"][i] = np.vdot(before, delta)
+        stats["dw2"][i] = np.vdot(delta, delta)
+        stats["g2"][i] = np.vdot(g64, g64)
+    return stats

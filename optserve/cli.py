@@ -8,8 +8,25 @@ import sys
 
 def _server(args: argparse.Namespace) -> int:
     from optserve.server import serve
-    serve(args.host, args.port, args.device, args.barrier_timeout, args.grace)
+    serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
+          args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series)
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the shard at ADDRESS reports SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"{args.address}: {e.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,10 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a sync step waits for the other workers")
     server.add_argument("--grace", type=float, default=10.0,
                         help="seconds in-flight calls get to finish on SIGTERM")
+    server.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics over HTTP on this port")
+    server.add_argument("--metrics-host", default=None,
+                        help="address for the metrics endpoint (default: --host)")
+    server.add_argument("--metrics-every", type=int, default=1,
+                        help="update per-tensor metrics every N steps of a job")
+    server.add_argument("--max-tensor-series", type=int, default=256,
+                        help="per-tensor series per job; beyond it tensors are aggregated by "
+                             "name prefix")
     server.set_defaults(func=_server)
 
-    demo = sub.add_parser("demo", help="train a small model through a local shard")
+    health = sub.add_parser("health", help="check a shard's grpc.health.v1 status")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--service", default="", help="service name ('' for the whole shard)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
+
+    demo = sub.add_parser("demo", help="train a small model through local shards")
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--shards", type=int, default=1)
+    demo.add_argument("--mode", default="sync", choices=["sync", "async"])
+    demo.add_argument("--servers", default=None,
+                      help="comma-separated shard addresses to use instead of starting shards")
+    demo.add_argument("--rank", type=int, default=None,
+                      help="run only this worker (with --servers), e.g. one container of a cluster")
+    demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
+    demo.add_argument("--metrics-port", type=int, default=None,
+                      help="first shard's Prometheus port (shard k uses this + k)")
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
                       help="comma-separated list of optimizers to run, one after another")

@@ -76,26 +76,30 @@ def param_groups(model, weight_decay: float):
 class WorkerArgs:
     rank: int
     world_size: int
-    address: str
+    servers: list[str]
     optimizer: str
     steps: int
     batch: int
     job: str
+    mode: str
 
 
 def worker(args: WorkerArgs, progress) -> None:
     """One training process: its half of the data, a RemoteOptimizer, a cosine schedule."""
+    import logging
     import torch
     from optserve.client import RemoteOptimizer
     torch.set_num_threads(1)
+    if args.rank != 0:  # one worker's warnings (such as placement balance) are enough
+        logging.getLogger("optserve.client").setLevel(logging.ERROR)
     images, labels = make_shapes(2048, seed=1)
     mine = slice(args.rank, None, args.world_size)
     images, labels = images[mine], labels[mine]
     model = make_model()
     hyper = dict(RECIPES[args.optimizer])
     opt = RemoteOptimizer(param_groups(model, hyper.pop("weight_decay")), args.optimizer,
-                          servers=[args.address], job=args.job, rank=args.rank,
-                          world_size=args.world_size, **hyper)
+                          servers=args.servers, job=args.job, rank=args.rank,
+                          world_size=args.world_size, mode=args.mode, **hyper)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     g = torch.Generator().manual_seed(100 + args.rank)
     for step in range(1, args.steps + 1):
@@ -121,11 +125,13 @@ def worker(args: WorkerArgs, progress) -> None:
     opt.close()
 
 
-def start_shard(device: str, log_path: str) -> tuple[subprocess.Popen, str]:
+def start_shard(device: str, log_path: str, metrics_port: int | None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "optserve", "server", "--port", "0", "--device", device]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
-                                 "--device", device], stdout=subprocess.PIPE, stderr=log,
-                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()
     match = re.search(r"listening on (\S+)", line)
     if not match:
@@ -144,13 +150,15 @@ def show_progress(done: int, total: int, text: str, width: int = 30) -> None:
         print(line, flush=True)
 
 
-def train_one(optimizer: str, address: str, args: argparse.Namespace) -> dict:
+def train_one(optimizer: str, servers: list[str], ranks: list[int],
+              args: argparse.Namespace) -> dict | None:
+    """Trains with one optimizer in worker processes `ranks`; the summary comes from rank 0."""
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
-    job = f"demo-{optimizer}-{os.getpid()}"
-    procs = [ctx.Process(target=worker, args=(WorkerArgs(r, args.workers, address, optimizer,
-                                                         args.steps, 64, job), progress))
-             for r in range(args.workers)]
+    job = f"{args.job or f'demo-{os.getpid()}'}-{optimizer}"
+    procs = [ctx.Process(target=worker, args=(WorkerArgs(r, args.workers, servers, optimizer,
+                                                         args.steps, 64, job, args.mode), progress))
+             for r in ranks]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -162,6 +170,8 @@ def train_one(optimizer: str, address: str, args: argparse.Namespace) -> dict:
         except Exception:  # queue.Empty: check the workers are still alive
             if any(p.exitcode not in (None, 0) for p in procs):
                 raise SystemExit(f"a {optimizer} worker failed")
+            if 0 not in ranks and all(p.exitcode == 0 for p in procs):
+                break  # this process runs no rank 0: nothing to summarise
             continue
         if msg[0] == "step":
             show_progress(msg[1], args.steps, f"loss {msg[2]:.4f}")
@@ -180,19 +190,37 @@ def run_demo(args: argparse.Namespace) -> int:
     unknown = set(optimizers) - set(RECIPES)
     if unknown:
         raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {sorted(RECIPES)}")
-    log_path = os.path.join(tempfile.mkdtemp(prefix="optserve-demo-"), "shard.log")
-    shard, address = start_shard(args.device, log_path)
-    print(f"optserve demo: shard on {address} ({args.device}), {args.workers} workers in sync mode, "
+    if args.rank is not None and not args.servers:
+        raise SystemExit("--rank runs one worker of a cluster and needs --servers")
+    ranks = [args.rank] if args.rank is not None else list(range(args.workers))
+    shards, log_dir = [], None
+    if args.servers:
+        servers = args.servers.split(",")
+    else:
+        log_dir = tempfile.mkdtemp(prefix="optserve-demo-")
+        for k in range(args.shards):
+            port = None if args.metrics_port is None else args.metrics_port + k
+            shards.append(start_shard(args.device, os.path.join(log_dir, f"shard-{k}.log"), port))
+        servers = [address for _, address in shards]
+    print(f"optserve demo: shards {', '.join(servers)}, {args.workers} workers in {args.mode} mode, "
           f"{args.steps} steps each, classifying {len(CLASSES)} generated shapes")
+    if args.metrics_port is not None and shards:
+        print(f"metrics: " + ", ".join(f"http://127.0.0.1:{args.metrics_port + k}/metrics"
+                                       for k in range(len(shards))))
     try:
-        results = [train_one(o, address, args) for o in optimizers]
+        results = [train_one(o, servers, ranks, args) for o in optimizers]
     finally:
-        shard.terminate()
-        shard.wait(timeout=30)
+        for proc, _ in shards:
+            proc.terminate()
+            proc.wait(timeout=30)
+    results = [r for r in results if r is not None]
+    if not results:
+        return 0
     print("\nsummary (held-out set of 512 images)")
     print(f"  {'optimizer':<10} {'test loss':>9} {'accuracy':>9} {'state bytes':>12} {'time':>7}")
     for r in results:
         print(f"  {r['optimizer']:<10} {r['test_loss']:>9.4f} {100 * r['accuracy']:>8.1f}% "
               f"{r['state_bytes']:>12,} {r['seconds']:>6.1f}s")
-    print(f"\nshard log: {log_path}")
+    if log_dir:
+        print(f"\nshard logs: {log_dir}")
     return 0

@@ -9,10 +9,13 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from optserve.kernels import get_backend
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.server.interceptors import RpcCounter
+from optserve.server.metrics import MetricsRecorder, ShardMetrics
 from optserve.server.servicer import OptimizerServicer
 from optserve.server.store import ShardStore
 
@@ -28,16 +31,20 @@ class ShardServer:
     in-flight calls finish for up to `grace` seconds, then closes."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
-                 max_threads: int = 64, barrier_timeout: float = 300.0):
+                 max_threads: int = 64, barrier_timeout: float = 300.0,
+                 metrics_every: int = 1, max_tensor_series: int = 256):
         self.backend = get_backend(device)
-        self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout)
+        self.metrics = ShardMetrics()
+        recorder = MetricsRecorder(self.metrics, metrics_every, max_tensor_series)
+        self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout, observer=recorder)
         self.health = health.HealthServicer()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
                                                              thread_name_prefix="optserve"),
-                                  options=options)
+                                  options=options,
+                                  interceptors=[RpcCounter(self.metrics.rpcs)])
         pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -45,22 +52,37 @@ class ShardServer:
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}")
+        self.host = host
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
+        self._metrics_http = None
 
     def start(self) -> "ShardServer":
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.up.set(1)
         log.info("shard serving on %s (backend %s)", self.address, self.backend.name)
         return self
+
+    def serve_metrics(self, port: int, host: str | None = None) -> int:
+        """Serves the metrics over HTTP at http://host:port/metrics; returns the port."""
+        httpd, _thread = start_http_server(port, addr=host or self.host,
+                                           registry=self.metrics.registry)
+        self._metrics_http = httpd
+        port = httpd.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host or self.host, port)
+        return port
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        self.metrics.up.set(0)
         self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
         log.info("shard on %s stopped", self.address)
 
     def wait(self) -> None:
@@ -73,9 +95,14 @@ class ShardServer:
         self.stop(grace=0)
 
 
-def serve(host: str, port: int, device: str, barrier_timeout: float, grace: float) -> None:
+def serve(host: str, port: int, device: str, barrier_timeout: float, grace: float,
+          metrics_port: int | None = None, metrics_host: str | None = None,
+          metrics_every: int = 1, max_tensor_series: int = 256) -> None:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
-    shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout).start()
+    shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout,
+                        metrics_every=metrics_every, max_tensor_series=max_tensor_series).start()
+    if metrics_port is not None:
+        metrics_port = shard.serve_metrics(metrics_port, metrics_host)
 
     def on_signal(signum, _frame):
         log.info("received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, grace)
@@ -83,5 +110,6 @@ def serve(host: str, port: int, device: str, barrier_timeout: float, grace: floa
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"optserve shard listening on {shard.address}", flush=True)
+    metrics = f" (metrics on port {metrics_port})" if metrics_port is not None else ""
+    print(f"optserve shard listening on {shard.address}{metrics}", flush=True)
     shard.wait()

@@ -28,7 +28,7 @@ from optserve.proto.v1 import optserve_pb2 as pb
 log = logging.getLogger("optserve.server")
 
 # Why a gradient was received but not applied; a closed set (metric labels use it).
-LATE, STALE = "late", "stale"
+LATE, STALE, NONFINITE = "late", "stale", "nonfinite"
 
 
 @dataclass
@@ -60,16 +60,31 @@ class Round:
 
 
 @dataclass
-class StepStats:
-    """What one finished step measured, for whoever exports metrics."""
-    backend_seconds: float
+class StepReport:
+    """What one finished step measured, for the job's observer (the metrics recorder)."""
+    compute_seconds: float
+    active: np.ndarray            # bool per local tensor
+    stats: dict                   # the backend's per-tensor statistics
+    groups: list[pb.Hyperparameters]
     workers: int
-    stats: dict
+    staleness: int
+
+
+class NoObserver:
+    """Observes nothing: a job without metrics."""
+
+    def registered(self, job): pass
+    def received(self, job, nbytes, seconds): pass
+    def waited(self, job, seconds): pass
+    def sent(self, job, nbytes, seconds): pass
+    def skipped(self, job, reason): pass
+    def members_changed(self, job): pass
+    def stepped(self, job, report): pass
 
 
 class Job:
     def __init__(self, spec: pb.JobSpec, shard: int, backend, params: np.ndarray,
-                 barrier_timeout: float):
+                 barrier_timeout: float, observer=None):
         self.spec = spec
         self.name = spec.job
         self.key = spec_key(spec)
@@ -93,8 +108,7 @@ class Job:
         self.worker_step: dict[int, int] = {}
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
-        self.dropped = {LATE: 0, STALE: 0}
-        self.last_stats: StepStats | None = None
+        self.observer = observer or NoObserver()
 
     @property
     def sync(self) -> bool:
@@ -108,6 +122,7 @@ class Job:
         """A worker (re)joins; returns (version, the last step it completed)."""
         with self.cond:
             self.members.add(worker)
+            self.observer.members_changed(self)
             if self.sync:
                 return self.version, self.version
             return self.version, self.worker_step.get(worker, 0)
@@ -117,6 +132,7 @@ class Job:
         self._check_worker(worker)
         with self.cond:
             self.members.discard(worker)
+            self.observer.members_changed(self)
             if self.round is not None and self._quorum_reached(self.round):
                 self._finish(self.round)
         log.info("job %r: worker %d left; %d present", self.name, worker, len(self.members))
@@ -184,8 +200,9 @@ class Job:
         return ""
 
     def _drop(self, c: Contribution, reason: str) -> Result:
-        self.dropped[reason] += 1
+        self.observer.skipped(self, reason)
         self.members.add(c.worker)  # it is alive after all: wait for it again
+        self.observer.members_changed(self)
         if not self.sync:
             self.worker_step[c.worker] = c.step
         all_local = np.arange(self.layout.num_tensors)
@@ -207,9 +224,11 @@ class Job:
         itemsize = WIRE_ITEMSIZE[header.dtype]
         raw = Assembler(self.payload_bytes(local, itemsize),
                         f"job {self.name!r} step {header.step} gradient")
+        start = time.perf_counter()
         for chunk in chunks:
             raw.add(chunk)
         wire = raw.finish()
+        self.observer.received(self, raw.total, time.perf_counter() - start)
         grad = np.empty(self.layout.numel, np.float32)
         pos = 0
         for k in local:
@@ -218,6 +237,7 @@ class Job:
             decode(wire[pos:pos + n * itemsize], header.dtype, seg)
             pos += n * itemsize
             if not np.isfinite(seg).all():
+                self.observer.skipped(self, NONFINITE)
                 raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
                                       f"{self.spec.tensors[self.tensors[k]].name!r}")
         return Contribution(header.worker, header.step, local, grad, groups)
@@ -263,10 +283,12 @@ class Job:
             rnd = self.round
             rnd.contributions[c.worker] = c
             if self._quorum_reached(rnd):
+                self.observer.waited(self, 0.0)
                 return self._finish(rnd)
-            if self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout):
-                return rnd.result
-            return self._barrier_timed_out(rnd, c)
+            start = time.perf_counter()
+            done = self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout)
+            self.observer.waited(self, time.perf_counter() - start)
+            return rnd.result if done else self._barrier_timed_out(rnd, c)
 
     def _barrier_timed_out(self, rnd: Round, c: Contribution) -> Result:
         """Proceed with the workers present, or withdraw this gradient and fail the step."""
@@ -275,6 +297,7 @@ class Job:
             log.warning("job %r: step %d waited %.3gs; presuming workers %s gone, stepping with %d",
                         self.name, rnd.step, self.barrier_timeout, missing, len(rnd.contributions))
             self.members -= set(missing)
+            self.observer.members_changed(self)
             return self._finish(rnd)
         del rnd.contributions[c.worker]
         if not rnd.contributions:
@@ -289,9 +312,9 @@ class Job:
         first = rnd.contributions[min(rnd.contributions)]
         self.state.steps[active] += 1
         start = time.perf_counter()
-        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active,
-                                  self._hyper_arrays(first.groups, first.staleness))
-        self.last_stats = StepStats(time.perf_counter() - start, len(rnd.contributions), stats)
+        hyper = self._hyper_arrays(first.groups, first.staleness)
+        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active, hyper)
+        seconds = time.perf_counter() - start
         self.version += 1
         stepped = np.flatnonzero(active)
         result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped),
@@ -303,6 +326,8 @@ class Job:
         if self.round is rnd:
             self.round = None
         self.cond.notify_all()
+        self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
+                                               len(rnd.contributions), first.staleness))
         return result
 
     def _average(self, contributions: dict[int, Contribution]) -> tuple[np.ndarray, np.ndarray]:

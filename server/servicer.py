@@ -63,14 +63,10 @@ def split_stream(requests: Iterator, what: str):
     return first.header, body()
 
 
-def _tensor_stream(result: Result, message):
-    """A TensorHeader then the chunks of its payload, as `message` objects."""
-    yield message(header=pb.TensorHeader(version=result.version, tensors=result.tensors,
-                                         total_bytes=len(result.payload), dtype=result.dtype,
-                                         dropped=bool(result.dropped),
-                                         drop_reason=result.dropped))
-    for c in chunks(result.payload):
-        yield message(chunk=c)
+def _tensor_header(result: Result) -> pb.TensorHeader:
+    return pb.TensorHeader(version=result.version, tensors=result.tensors,
+                           total_bytes=len(result.payload), dtype=result.dtype,
+                           dropped=bool(result.dropped), drop_reason=result.dropped)
 
 
 class OptimizerServicer(pb_grpc.OptimizerServicer):
@@ -85,12 +81,17 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     @translate_errors_stream
     def Step(self, request_iterator, context):
         header, body = split_stream(request_iterator, "Step")
-        result = self.store.job(header.job).step(header, body)
-        yield from _tensor_stream(result, pb.StepResponse)
+        result, reply = self.store.step(header, body)
+        yield pb.StepResponse(header=_tensor_header(result))
+        for chunk in reply:
+            yield pb.StepResponse(chunk=chunk)
 
     @translate_errors_stream
     def PullParameters(self, request, context):
-        yield from _tensor_stream(self.store.job(request.job).pull(), pb.TensorStream)
+        result = self.store.job(request.job).pull()
+        yield pb.TensorStream(header=_tensor_header(result))
+        for chunk in chunks(result.payload):
+            yield pb.TensorStream(chunk=chunk)
 
     @translate_errors_stream
     def GetOptimizerState(self, request, context):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Iterable
+import time
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -12,14 +13,16 @@ from optserve.proto import optimizers
 from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
 from optserve.proto.spec import Assembler, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.server.job import Job
+from optserve.proto.spec import chunks as cut_chunks
+from optserve.server.job import Job, Result
 
 log = logging.getLogger("optserve.server")
 
 
 class ShardStore:
-    def __init__(self, backend, barrier_timeout: float = 300.0):
+    def __init__(self, backend, barrier_timeout: float = 300.0, observer=None):
         self.backend = backend
+        self.observer = observer
         self.barrier_timeout = barrier_timeout
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
@@ -29,6 +32,12 @@ class ShardStore:
             return self.jobs[name]
         except KeyError:
             raise NotFound(f"unknown job {name!r}") from None
+
+    def step(self, header: pb.StepHeader, body: Iterable[pb.Chunk]) -> tuple[Result, Iterator[pb.Chunk]]:
+        """Runs a Step; returns its result and the reply's chunks (timed as the send phase)."""
+        job = self.job(header.job)
+        result = job.step(header, body)
+        return result, _timed_send(job, result.payload)
 
     def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> pb.RegisterJobResponse:
         """Creates the job from the first complete registration, or joins the existing one."""
@@ -51,9 +60,11 @@ class ShardStore:
             if job is not None:
                 _check_same_spec(job, spec, header.shard)
             else:
-                job, created = Job(spec, header.shard, self.backend, params, self.barrier_timeout), True
-                self.jobs[spec.job] = job
+                job = Job(spec, header.shard, self.backend, params, self.barrier_timeout,
+                          self.observer)
+                self.jobs[spec.job], created = job, True
         if created:
+            job.observer.registered(job)
             _log_registered(job)
         version, last_step = job.join(header.worker)
         return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors,
@@ -123,3 +134,9 @@ def _log_registered(job: Job) -> None:
              job.shard, spec.num_shards, spec.num_workers, pb.ConsistencyMode.Name(spec.mode).lower(),
              pb.DType.Name(spec.grad_dtype).lower(), pb.DType.Name(job.param_dtype).lower(),
              job.layout.state_bytes() / 1e6, job.backend.name)
+
+
+def _timed_send(job: Job, payload: bytes) -> Iterator[pb.Chunk]:
+    start = time.perf_counter()
+    yield from cut_chunks(payload)
+    job.observer.sent(job, len(payload), time.perf_counter() - start)

@@ -1,0 +1,194 @@
+"""Every Prometheus metric a shard exports, defined in one place.
+
+Label values come from closed sets: job names (bounded by the shard's job limit), tensor
+names (capped per job, see `TensorSeries`), phases, reasons, RPC methods and status codes.
+Worker ids and step numbers are never labels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from optserve.proto.v1 import optserve_pb2 as pb
+
+# Step phases and their buckets: from sub-millisecond steps of small models to
+# multi-second steps of 100M-parameter ones.
+PHASES = ("receive", "wait", "compute", "send")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0)
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+SKIP_REASONS = ("late", "stale", "nonfinite")
+
+
+class ShardMetrics:
+    """The shard's metrics in their own registry, so tests can build a fresh one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        t = ("job", "tensor")
+        self.weight_norm = Gauge("optserve_weight_norm", "L2 norm of the weights after the "
+                                 "last step, ||w_{t+1}||", t, registry=r)
+        self.effective_step = Gauge(
+            "optserve_effective_step", "Angular update ||w_{t+1}/||w_{t+1}|| - w_t/||w_t||||, "
+            "the effective step size of the AdamP paper", t, registry=r)
+        self.update_ratio = Gauge("optserve_update_ratio", "Update-to-weight ratio "
+                                  "||w_{t+1} - w_t|| / ||w_t||", t, registry=r)
+        self.grad_norm = Gauge("optserve_grad_norm", "L2 norm of the (averaged) gradient "
+                               "applied in the last step", t, registry=r)
+        self.learning_rate = Gauge("optserve_learning_rate", "Learning rate of the last step, "
+                                   "per parameter group", ("job", "group"), registry=r)
+        self.projected_tensors = Gauge("optserve_adamp_projected_tensors", "AdamP: tensors "
+                                       "whose update was projected in the last step", ("job",),
+                                       registry=r)
+        self.stepped_tensors = Gauge("optserve_stepped_tensors", "Tensors stepped in the last "
+                                     "step", ("job",), registry=r)
+        self.clip_ratio = Gauge("optserve_adafactor_clip_ratio", "Adafactor: mean over the "
+                                "tensors of the clipping divisor max(1, RMS(U)/d) in the last step",
+                                ("job",), registry=r)
+        self.clipped_tensors = Gauge("optserve_adafactor_clipped_tensors", "Adafactor: tensors "
+                                     "whose update was clipped in the last step", ("job",), registry=r)
+
+        self.step_seconds = Histogram("optserve_step_phase_seconds", "Step latency by phase: "
+                                      "receive, wait (barrier), compute, send", ("job", "phase"),
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.barrier_wait = Histogram("optserve_barrier_wait_seconds", "Time a sync step's "
+                                      "gradient waited for the quorum", ("job",),
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.staleness = Histogram("optserve_staleness_versions", "Async: versions between the "
+                                   "gradient's parameters and the job's", ("job",),
+                                   buckets=STALENESS_BUCKETS, registry=r)
+        self.bytes_received = Counter("optserve_bytes_received_total", "Payload bytes received "
+                                      "(gradients, initial parameters, state)", ("job",), registry=r)
+        self.bytes_sent = Counter("optserve_bytes_sent_total", "Payload bytes sent (parameters, "
+                                  "state)", ("job",), registry=r)
+        self.steps = Counter("optserve_steps_total", "Optimizer steps applied", ("job",), registry=r)
+        self.skipped = Counter("optserve_skipped_steps_total", "Gradients received but not "
+                               "applied, by reason", ("job", "reason"), registry=r)
+        self.version = Gauge("optserve_job_version", "Parameter version of the job", ("job",),
+                             registry=r)
+        self.state_bytes = Gauge("optserve_state_bytes", "Bytes of parameters and optimizer state "
+                                 "held", ("job",), registry=r)
+        self.workers = Gauge("optserve_active_workers", "Workers a sync step waits for",
+                             ("job",), registry=r)
+        self.jobs = Gauge("optserve_active_jobs", "Jobs held by this shard", registry=r)
+        self.rpcs = Counter("optserve_rpcs_total", "RPCs handled, by method and status code",
+                            ("method", "code"), registry=r)
+        self.up = Gauge("optserve_shard_up", "1 while the shard serves", registry=r)
+
+
+def tensor_series(names: list[str], cap: int) -> list[str]:
+    """The series label of each tensor: its own name while a job has at most `cap` tensors,
+    else the longest dotted name prefix that keeps the number of series within the cap
+    ("layers.3.attn.q.weight" -> "layers.3.attn" -> "layers.3" -> "layers")."""
+    if len(names) <= cap:
+        return list(names)
+    parts = [n.split(".") for n in names]
+    for depth in range(max(len(p) for p in parts) - 1, 0, -1):
+        labels = [".".join(p[:depth]) + ".*" for p in parts]
+        if len(set(labels)) <= cap:
+            return labels
+    return ["*"] * len(names)
+
+
+def angular_step(w2: np.ndarray, wdw: np.ndarray, dw2: np.ndarray) -> np.ndarray:
+    """||w1/||w1|| - w0/||w0|||| from float64 sums, w1 = w0 + dw, accurate for tiny angles.
+
+    With a = ||w0||, b = ||w1||: a·b·(w1/b - w0/a) = (a - b)·w0 + a·dw, so the squared angle
+    is ((a - b)² + 2(a - b)<w0, dw>/a + ||dw||²) / b², where a - b = -(2<w0,dw> + ||dw||²)/(a + b)
+    carries no cancellation (unlike sqrt(2 - 2cos))."""
+    a = np.sqrt(w2)
+    b2 = np.maximum(w2 + 2 * wdw + dw2, 0.0)
+    b = np.sqrt(b2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = -(2 * wdw + dw2) / (a + b)
+        sq = (d * d + 2 * d * wdw / a + dw2) / b2
+        return np.where((a > 0) & (b > 0), np.sqrt(np.maximum(sq, 0.0)), 0.0)
+
+
+class MetricsRecorder:
+    """Turns what jobs measure into the shard's metrics (the Job's observer).
+
+    Per-tensor gauges are refreshed every `every` steps of a job; tensors are mapped to at
+    most `max_series` series per job by `tensor_series`, and their sums are added per
+    series, so an aggregated series is exactly the norm or angle of the concatenated tensors.
+    """
+
+    def __init__(self, metrics: ShardMetrics, every: int = 1, max_series: int = 256):
+        self.m = metrics
+        self.every = max(1, every)
+        self.max_series = max_series
+        self._series: dict[str, tuple[list[str], np.ndarray]] = {}
+
+    def registered(self, job) -> None:
+        names = [job.spec.tensors[t].name for t in job.tensors]
+        labels = tensor_series(names, self.max_series)
+        unique = sorted(set(labels))
+        index = np.array([unique.index(label) for label in labels], np.int64)
+        self._series[job.name] = (unique, index)
+        self.m.jobs.inc()
+        self.m.state_bytes.labels(job.name).set(job.layout.state_bytes())
+        self.m.workers.labels(job.name).set(len(job.members))
+        self.m.version.labels(job.name).set(job.version)
+
+    def received(self, job, nbytes: int, seconds: float) -> None:
+        self.m.bytes_received.labels(job.name).inc(nbytes)
+        self.m.step_seconds.labels(job.name, "receive").observe(seconds)
+
+    def waited(self, job, seconds: float) -> None:
+        self.m.barrier_wait.labels(job.name).observe(seconds)
+        self.m.step_seconds.labels(job.name, "wait").observe(seconds)
+
+    def sent(self, job, nbytes: int, seconds: float) -> None:
+        self.m.bytes_sent.labels(job.name).inc(nbytes)
+        self.m.step_seconds.labels(job.name, "send").observe(seconds)
+
+    def skipped(self, job, reason: str) -> None:
+        self.m.skipped.labels(job.name, reason).inc()
+
+    def members_changed(self, job) -> None:
+        self.m.workers.labels(job.name).set(len(job.members))
+
+    def stepped(self, job, report) -> None:
+        """`report` is the job's StepReport for the step just taken."""
+        name = job.name
+        self.m.steps.labels(name).inc()
+        self.m.version.labels(name).set(job.version)
+        self.m.step_seconds.labels(name, "compute").observe(report.compute_seconds)
+        if job.spec.mode == pb.ASYNC:
+            self.m.staleness.labels(name).observe(report.staleness)
+        for g, h in enumerate(report.groups):
+            self.m.learning_rate.labels(name, str(g)).set(h.lr)
+        active = report.active
+        self.m.stepped_tensors.labels(name).set(int(active.sum()))
+        if job.spec.optimizer == "adamp":
+            self.m.projected_tensors.labels(name).set(int(report.stats["projected"][active].sum()))
+        if job.spec.optimizer == "adafactor" and active.any():
+            clip = report.stats["clip"][active]
+            self.m.clip_ratio.labels(name).set(float(clip.mean()))
+            self.m.clipped_tensors.labels(name).set(int((clip > 1).sum()))
+        if job.version % self.every == 0:
+            self._tensor_gauges(job, report)
+
+    def _tensor_gauges(self, job, report) -> None:
+        labels, index = self._series[job.name]
+        active = report.active
+        sums = {}
+        for key in ("w2", "wdw", "dw2", "g2"):
+            total = np.zeros(len(labels))
+            np.add.at(total, index[active], report.stats[key][active])
+            sums[key] = total
+        seen = np.zeros(len(labels), bool)
+        seen[index[active]] = True
+        w2, wdw, dw2 = sums["w2"], sums["wdw"], sums["dw2"]
+        new_norm = np.sqrt(np.maximum(w2 + 2 * wdw + dw2, 0.0))
+        step = angular_step(w2, wdw, dw2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(w2 > 0, np.sqrt(dw2 / w2), 0.0)
+        for i in np.flatnonzero(seen):
+            series = (job.name, labels[i])
+            self.m.weight_norm.labels(*series).set(new_norm[i])
+            self.m.effective_step.labels(*series).set(step[i])
+            self.m.update_ratio.labels(*series).set(ratio[i])
+            self.m.grad_norm.labels(*series).set(np.sqrt(sums["g2"][i]))
+

@@ -1,0 +1,132 @@
+"""The shard's Prometheus metrics, scraped over HTTP from a real shard, against float64 math."""
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import DEVICE
+from models import make_data, make_model
+from optserve.client import RemoteOptimizer
+from optserve.server import ShardServer
+from optserve.server.metrics import angular_step, tensor_series
+
+
+@pytest.fixture
+def metered():
+    """A shard with its metrics served over HTTP on a free port, and a scrape function."""
+    server = ShardServer("127.0.0.1", 0, device=DEVICE, max_tensor_series=4).start()
+    port = server.serve_metrics(0)
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    yield server, scrape
+    server.stop(grace=0)
+
+
+def sample(samples, name, **labels):
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy().ravel()
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-5, 1e-8])
+def test_per_tensor_metrics_match_float64_math(metered, lr):
+    """Weight norm, effective step (down to angles of ~1e-6 and below), update ratio and
+    gradient norm of every tensor, against float64 math on the parameters before and after."""
+    server, scrape = metered
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8, bias=False))
+    opt = RemoteOptimizer(model.named_parameters(), "adamw", servers=[server.address],
+                          job=f"m{lr:g}", lr=lr, weight_decay=0.0)
+    model(torch.randn(16, 64)).square().mean().backward()
+    before = {n: f64(p) for n, p in model.named_parameters()}
+    grads = {n: f64(p.grad) for n, p in model.named_parameters()}
+    opt.step()
+    samples = scrape()
+    for name, p in model.named_parameters():
+        w0, w1 = before[name], f64(p)
+        angle = np.linalg.norm(w1 / np.linalg.norm(w1) - w0 / np.linalg.norm(w0))
+        labels = dict(job=f"m{lr:g}", tensor=name)
+        assert sample(samples, "optserve_effective_step", **labels) == pytest.approx(angle, rel=1e-6)
+        assert sample(samples, "optserve_weight_norm", **labels) == pytest.approx(
+            np.linalg.norm(w1), rel=1e-9)
+        assert sample(samples, "optserve_update_ratio", **labels) == pytest.approx(
+            np.linalg.norm(w1 - w0) / np.linalg.norm(w0), rel=1e-6)
+        assert sample(samples, "optserve_grad_norm", **labels) == pytest.approx(
+            np.linalg.norm(grads[name]), rel=1e-6)
+    if lr == 1e-8:  # the point of the careful formula: sqrt(2 - 2cos) in float32 gives 0 here
+        assert 0 < sample(samples, "optserve_effective_step", job="m1e-08", tensor="0.weight") < 1e-6
+    opt.close()
+
+
+def test_angular_step_for_tiny_angles():
+    rng = np.random.default_rng(0)
+    for angle in (1e-2, 1e-4, 1e-6, 1e-7):
+        w0 = rng.standard_normal(4096)
+        dw = angle * np.linalg.norm(w0) / 64 * rng.standard_normal(4096)
+        w1 = w0 + dw
+        truth = np.linalg.norm(w1 / np.linalg.norm(w1) - w0 / np.linalg.norm(w0))
+        got = angular_step(np.array([w0 @ w0]), np.array([w0 @ dw]), np.array([dw @ dw]))[0]
+        assert got == pytest.approx(truth, rel=1e-7)
+
+
+def test_series_beyond_the_cap_are_aggregated_by_prefix(metered):
+    """More tensors than --max-tensor-series (4 here): series per name prefix, whose norm is
+    the norm of the concatenated tensors."""
+    server, scrape = metered
+    x, y = make_data()
+    model = make_model()  # conv, bn (2), fc1 (2), fc2 (2): 7 tensors
+    opt = RemoteOptimizer(model.named_parameters(), "adamp", servers=[server.address],
+                          job="capped", lr=1e-3)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    samples = scrape()
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(set(tensor_series(names, 4))) == ["bn.*", "conv.*", "fc1.*", "fc2.*"]
+    fc1 = np.concatenate([f64(model.fc1.weight), f64(model.fc1.bias)])
+    assert sample(samples, "optserve_weight_norm", job="capped", tensor="fc1.*") == pytest.approx(
+        np.linalg.norm(fc1), rel=1e-9)
+    assert ("optserve_weight_norm", (("job", "capped"), ("tensor", "fc1.weight"))) not in samples
+    assert sample(samples, "optserve_stepped_tensors", job="capped") == 7
+    assert 0 <= sample(samples, "optserve_adamp_projected_tensors", job="capped") <= 7
+    opt.close()
+
+
+def test_service_metrics(metered):
+    server, scrape = metered
+    x, y = make_data()
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adafactor", servers=[server.address], job="svc")
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.fc2.bias.grad[0] = float("nan")
+    with pytest.raises(Exception, match="non-finite"):
+        opt.step()
+    samples = scrape()
+    assert sample(samples, "optserve_steps_total", job="svc") == 3
+    assert sample(samples, "optserve_job_version", job="svc") == 3
+    assert sample(samples, "optserve_skipped_steps_total", job="svc", reason="nonfinite") == 1
+    assert sample(samples, "optserve_rpcs_total", method="Step", code="OK") == 3
+    assert sample(samples, "optserve_rpcs_total", method="Step", code="INVALID_ARGUMENT") == 1
+    assert sample(samples, "optserve_rpcs_total", method="RegisterJob", code="OK") == 1
+    for phase in ("receive", "wait", "compute", "send"):
+        assert sample(samples, "optserve_step_phase_seconds_count", job="svc", phase=phase) >= 3
+    n = sum(p.numel() for p in model.parameters())
+    assert sample(samples, "optserve_bytes_received_total", job="svc") == 4 * 4 * n
+    assert sample(samples, "optserve_bytes_sent_total", job="svc") == 3 * 4 * n
+    assert sample(samples, "optserve_adafactor_clip_ratio", job="svc") >= 1
+    assert sample(samples, "optserve_state_bytes", job="svc") > 4 * n
+    assert sample(samples, "optserve_shard_up") == 1
+    assert sample(samples, "optserve_learning_rate", job="svc", group="0") == 0.0
+    opt.close()
