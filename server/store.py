@@ -114,16 +114,25 @@ def _check_same_spec(job: Job, spec: pb.JobSpec, shard: int) -> None:
 
 
 def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
-    for field in ("optimizer", "num_workers", "mode", "grad_dtype", "num_shards"):
-        if getattr(a, field) != getattr(b, field):
-            return f"{field}: {getattr(a, field)!r} registered, {getattr(b, field)!r} sent"
+    """The first field in which two specs differ, for the error message."""
     if len(a.tensors) != len(b.tensors):
         return f"{len(a.tensors)} tensors registered, {len(b.tensors)} sent"
     for x, y in zip(a.tensors, b.tensors):
         if x != y:
             return (f"tensor {x.name!r} {tuple(x.shape)} group {x.group} registered, "
                     f"{y.name!r} {tuple(y.shape)} group {y.group} sent")
-    return "the parameter groups' hyperparameters differ"
+    for g, (x, y) in enumerate(zip(a.groups, b.groups)):
+        if x != y:
+            return f"group {g} hyperparameters differ: {_diff_fields(x, y)}"
+    return _diff_fields(a, b)
+
+
+def _diff_fields(a, b) -> str:
+    for field in a.DESCRIPTOR.fields:
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if not field.is_repeated and x != y:
+            return f"{field.name}: {x!r} registered, {y!r} sent"
+    return "they differ"
 
 
 def _log_registered(job: Job) -> None:

@@ -1,0 +1,193 @@
+"""Parameter-server semantics with real worker processes on loopback: sync averaging over
+two shards, async training, backup workers, staleness, barrier timeouts with a killed
+worker, and retried steps."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+
+import workers
+from models import make_data, make_model, param_groups
+from optserve.client import DeadlineExceeded, RemoteOptimizer
+from optserve.proto.v1 import optserve_pb2 as pb
+
+import adamp
+import transformers.optimization as hf
+
+CTX = mp.get_context("spawn")
+ORACLES = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, **workers.HYPER["adamw"]),
+    "adamp": lambda groups: adamp.AdamP(groups, **workers.HYPER["adamp"]),
+    "adafactor": lambda groups: hf.Adafactor(groups, **workers.HYPER["adafactor"]),
+}
+
+
+def run(target, *args):
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    return p
+
+
+def collect(queue, n, timeout=120):
+    return sorted(queue.get(timeout=timeout) for _ in range(n))
+
+
+@pytest.mark.parametrize("optimizer", sorted(ORACLES))
+def test_sync_two_workers_match_local_averaged_gradient(shards, optimizer):
+    """2 workers on different halves, 2 shards, 30 steps == a local optimizer fed the mean."""
+    steps, out = 30, CTX.Queue()
+    servers = [s.address for s in shards]
+    procs = [run(workers.sync_worker, r, servers, f"sync-{optimizer}", optimizer, steps, out)
+             for r in range(2)]
+    results = collect(out, 2)
+    for p in procs:
+        p.join(30)
+    model = make_model()
+    opt = ORACLES[optimizer](param_groups(model, 0.1))
+    halves = [workers.data_half(r) for r in range(2)]
+    for _ in range(steps):
+        grads = []
+        for x, y in halves:
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    for rank, params, dropped in results:
+        assert dropped == 0
+        for ours, theirs in zip(params, model.parameters()):
+            torch.testing.assert_close(torch.from_numpy(ours), theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_async_workers_train_to_target(shard):
+    out = CTX.Queue()
+    procs = [run(workers.async_regression_worker, r, [shard.address], "async", 150, out)
+             for r in range(2)]
+    losses = collect(out, 2)
+    for p in procs:
+        p.join(30)
+    job = shard.store.job("async")
+    assert job.version == 300  # every gradient applied, one at a time
+    assert all(loss < 1e-2 for _, loss in losses), losses
+
+
+def test_backup_worker_lets_steps_proceed_and_drops_late_gradients(shard):
+    """3 workers, 1 backup: the slow worker never holds the others up; its late gradients
+    are dropped and counted, and it catches up with the job's parameters."""
+    out = CTX.Queue()
+    kwargs = dict(backup_workers=1, lr=1e-3)
+    procs = [run(workers.steady_worker, r, [shard.address], "backup", 3, 10, delay, out, kwargs)
+             for r, delay in enumerate([0.0, 0.0, 0.3])]
+    results = dict(collect(out, 3))
+    for p in procs:
+        p.join(30)
+    job = shard.store.job("backup")
+    late = shard.metrics.skipped.labels("backup", "late")._value.get()
+    assert results[2] > 0 and late == sum(results.values())
+    assert job.version >= 10
+
+
+def test_staleness_bound_drops_stale_gradients_and_scales_lr(shard):
+    """async, max_staleness=2, staleness_lr: a gradient 2 versions behind is applied at lr/2,
+    one 3 behind is dropped; the applied steps equal torch's AdamW fed the same sequence."""
+    a_model, b_model, ref_model = make_model(), make_model(), make_model()
+    kw = dict(servers=[shard.address], job="stale", world_size=2, mode="async", max_staleness=2,
+              staleness_lr=True, lr=1e-2, weight_decay=0.0)
+    a = RemoteOptimizer(a_model.parameters(), "adamw", rank=0, **kw)
+    b = RemoteOptimizer(b_model.parameters(), "adamw", rank=1, **kw)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def grad(model, seed):
+        model.zero_grad()
+        xs, ys = make_data(seed)
+        torch.nn.functional.cross_entropy(model(xs), ys).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def ref_step(grads, lr):
+        for p, g in zip(ref_model.parameters(), grads):
+            p.grad = g
+        ref.param_groups[0]["lr"] = lr
+        ref.step()
+
+    gb = grad(b_model, 1)                       # b holds version 0
+    for seed in (2, 3):
+        ref_step(grad(a_model, seed), 1e-2)
+        a.step()                                # versions 1, 2 (a is never behind)
+    b.step()                                    # 2 behind: applied at lr/2 -> version 3
+    ref_step(gb, 1e-2 / 2)
+    assert b.dropped_steps == 0 and b._version[0] == 3
+    gb = grad(b_model, 4)                       # b holds version 3
+    for seed in (5, 6, 7):
+        ref_step(grad(a_model, seed), 1e-2)     # a is 1 behind once: lr/1
+        a.step()                                # versions 4, 5, 6
+    b.step()                                    # 3 behind: dropped
+    assert b.dropped_steps == 1 and b._version[0] == 6
+    assert shard.metrics.skipped.labels("stale", "stale")._value.get() == 1
+    a.pull_parameters()
+    for p, q in zip(a_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("on_timeout", ["fail", "proceed"])
+def test_killed_worker_does_not_hang_a_sync_step(shard, on_timeout):
+    """Rank 1 registers and is killed. Rank 0's step waits the barrier timeout, then either
+    fails with DEADLINE_EXCEEDED, applying nothing, or steps with the workers present."""
+    ready = CTX.Event()
+    proc = run(workers.joins_then_hangs, [shard.address], f"kill-{on_timeout}", on_timeout, ready)
+    assert ready.wait(60)
+    proc.kill()
+    proc.join(10)
+    x, y = make_data()
+    model, ref_model = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address],
+                          job=f"kill-{on_timeout}", rank=0, world_size=2, timeout=2.0,
+                          on_timeout=on_timeout, retries=1)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    job = shard.store.job(f"kill-{on_timeout}")
+    if on_timeout == "fail":
+        with pytest.raises(DeadlineExceeded, match="waiting for workers \\[1\\]; nothing was applied"):
+            opt.step()
+        assert job.version == 0
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    else:
+        opt.step()
+        ref = torch.optim.AdamW(ref_model.parameters())
+        torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+        ref.step()
+        assert job.version == 1 and job.members == {0}
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    opt.close()
+
+
+def test_concurrent_duplicates_of_one_step_apply_once(shard):
+    """The same (job, worker, step) sent on two connections at once: one state update, the
+    same answer for both."""
+    x, y = make_data()
+    model, ref_model = make_model(), make_model()
+    opts = [RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="dup")
+            for _ in range(2)]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    results = []
+    threads = [threading.Thread(target=lambda o=o: results.append(o._step_shard(
+        0, [o._group_proto(g, i) for i, g in enumerate(o.param_groups)],
+        [True] * len(o._params)))) for o in opts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shard.store.job("dup").version == 1
+    assert results[0][0] == results[1][0] and (results[0][1] == results[1][1]).all()
+    ref = torch.optim.AdamW(ref_model.parameters())
+    torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+    ref.step()
+    opts[0]._write_back(*results[0])
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
