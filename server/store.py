@@ -115,6 +115,9 @@ def _check_same_spec(job: Job, spec: pb.JobSpec, shard: int) -> None:
 
 def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
     """The first field in which two specs differ, for the error message."""
+    top = _diff_fields(a, b)
+    if top:
+        return top
     if len(a.tensors) != len(b.tensors):
         return f"{len(a.tensors)} tensors registered, {len(b.tensors)} sent"
     for x, y in zip(a.tensors, b.tensors):
@@ -124,7 +127,7 @@ def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
     for g, (x, y) in enumerate(zip(a.groups, b.groups)):
         if x != y:
             return f"group {g} hyperparameters differ: {_diff_fields(x, y)}"
-    return _diff_fields(a, b)
+    return "they differ"
 
 
 def _diff_fields(a, b) -> str:
@@ -132,7 +135,7 @@ def _diff_fields(a, b) -> str:
         x, y = getattr(a, field.name), getattr(b, field.name)
         if not field.is_repeated and x != y:
             return f"{field.name}: {x!r} registered, {y!r} sent"
-    return "they differ"
+    return ""
 
 
 def _log_registered(job: Job) -> None:
