@@ -28,11 +28,31 @@ from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 if sys.byteorder != "little":  # the wire format is little-endian and we send native bytes
     raise ImportError("optserve.client needs a little-endian machine")
 
+class RolledBack(OptserveError):
+    """A shard came back from a checkpoint at an earlier step. The model already holds the
+    parameters of that step, and every shard is back at it: replay from `step`.
+
+        step = 0
+        while step < total:
+            try:
+                train_step(step); step += 1
+            except RolledBack as e:
+                step = e.step
+    """
+
+    def __init__(self, step: int):
+        super().__init__(f"the job rolled back to step {step}")
+        self.step = step
+
+
 _TORCH_WIRE = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 # Failures after which the same request is sent again: the shard answers a repeated
 # (job, worker, step) from the result it already computed, so a retry is never applied twice.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Backoff between attempts, doubling up to the cap: long enough in total (~25 s with the
+# default 12 retries) to ride out a shard restart.
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 4.0
 log = logging.getLogger("optserve.client")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
                     ("grpc.max_send_message_length", 8 * 1024 * 1024)]
@@ -70,7 +90,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  staleness_lr: bool = False, timeout: float | None = None,
                  on_timeout: str = "fail", grad_dtype: str = "float32",
                  param_dtype: str = "float32", rpc_timeout: float | None = 600.0,
-                 retries: int = 5, **hyperparameters):
+                 retries: int = 12, **hyperparameters):
         info = optimizers.REGISTRY.get(optimizer)
         if info is None:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimizers.REGISTRY)}")
@@ -173,11 +193,29 @@ class RemoteOptimizer(torch.optim.Optimizer):
         have_grad = [p.grad is not None for p in self._params]
         # Every shard hears from every worker each step, even with no gradient for it, so
         # that a sync barrier never waits for a worker that has nothing to send.
-        for result in self._call_all(lambda k: self._step_shard(k, groups, have_grad)):
-            self._write_back(*result)
+        replies = self._call_all(lambda k: self._step_shard(k, groups, have_grad))
+        for reply, values in replies:
+            self._write_back(list(reply.tensors), values)
+        rolled = [reply.version for reply, _ in replies if reply.drop_reason == "rolled_back"]
+        if rolled:
+            self._roll_back_to(min(rolled))
+            raise RolledBack(min(rolled))
         return loss
 
-    def _step_shard(self, shard: int, groups, have_grad) -> tuple[list[int], np.ndarray]:
+    def _roll_back_to(self, version: int) -> None:
+        """Brings every shard to `version` (the checkpoint a restarted shard came back at)
+        and the model to its parameters."""
+        def restore(k: int):
+            if self._version[k] != version:
+                self._stubs[k].Restore(pb.RestoreRequest(job=self.job, version=version),
+                                       timeout=self.rpc_timeout)
+            return self._pull(k)
+        for tensors, values in self._call_all(restore):
+            self._write_back(tensors, values)
+        if self.spec.mode == pb.SYNC:
+            self._step_no = [version] * len(self._stubs)
+
+    def _step_shard(self, shard: int, groups, have_grad) -> tuple[pb.TensorHeader, np.ndarray]:
         tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]
         step = self._step_no[shard] + 1
         header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
@@ -197,9 +235,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             log.info("job %r: shard %d dropped this worker's %s gradient for step %d",
                      self.job, shard, reply.drop_reason, step)
         # sync: steps are numbered by version, so a late worker catches up to the job's.
-        self._step_no[shard] = reply.version if self.spec.mode == pb.SYNC else step
+        if self.spec.mode == pb.SYNC:
+            self._step_no[shard] = reply.version
+        else:
+            self._step_no[shard] = reply.last_step if reply.drop_reason == "rolled_back" else step
         self._version[shard] = reply.version
-        return list(reply.tensors), values
+        return reply, values
 
     def _write_back(self, tensors: list[int], values: np.ndarray) -> None:
         pos = 0
@@ -307,7 +348,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _retrying(self, call):
         """call() until it succeeds, retrying UNAVAILABLE and DEADLINE_EXCEEDED with backoff."""
-        delay = 0.05
+        delay = _BACKOFF_FIRST
         for attempt in range(self.retries + 1):
             try:
                 return call()
@@ -317,7 +358,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 log.info("job %r: %s (%s); retrying in %.2fs", self.job, e.code().name,
                          e.details(), delay)
                 time.sleep(delay)
-                delay = min(2 * delay, 2.0)
+                delay = min(2 * delay, _BACKOFF_CAP)
+
+    def checkpoint(self) -> int:
+        """Asks every shard to checkpoint the job now; returns the version checkpointed."""
+        replies = self._call_all(lambda k: self._stubs[k].Checkpoint(
+            pb.CheckpointRequest(job=self.job), timeout=self.rpc_timeout))
+        return min(r.version for r in replies)
 
     def leave(self) -> None:
         """Tells the shards this worker is gone, so sync steps stop waiting for it."""

@@ -9,7 +9,8 @@ import sys
 def _server(args: argparse.Namespace) -> int:
     from optserve.server import serve
     serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
-          args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series)
+          args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series,
+          args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints)
     return 0
 
 
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-tensor-series", type=int, default=256,
                         help="per-tensor series per job; beyond it tensors are aggregated by "
                              "name prefix")
+    server.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint jobs here, and restore them from here on start")
+    server.add_argument("--checkpoint-every", type=int, default=0,
+                        help="checkpoint every N versions of a job (0: only on SIGTERM/request)")
+    server.add_argument("--keep-checkpoints", type=int, default=3,
+                        help="checkpoints kept per job")
     server.set_defaults(func=_server)
 
     health = sub.add_parser("health", help="check a shard's grpc.health.v1 status")

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 from optserve.kernels import get_backend
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.server.checkpoint import Checkpointer
 from optserve.server.interceptors import RpcCounter
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
 from optserve.server.servicer import OptimizerServicer
@@ -32,11 +33,16 @@ class ShardServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
                  max_threads: int = 64, barrier_timeout: float = 300.0,
-                 metrics_every: int = 1, max_tensor_series: int = 256):
+                 metrics_every: int = 1, max_tensor_series: int = 256,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 keep_checkpoints: int = 3):
         self.backend = get_backend(device)
         self.metrics = ShardMetrics()
         recorder = MetricsRecorder(self.metrics, metrics_every, max_tensor_series)
-        self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout, observer=recorder)
+        checkpointer = Checkpointer(checkpoint_dir, keep_checkpoints) if checkpoint_dir else None
+        self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout, observer=recorder,
+                                checkpointer=checkpointer, checkpoint_every=checkpoint_every)
+        self.store.restore_all()
         self.health = health.HealthServicer()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -55,6 +61,7 @@ class ShardServer:
         self.host = host
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
+        self._finished = threading.Event()
         self._metrics_http = None
 
     def start(self) -> "ShardServer":
@@ -81,12 +88,19 @@ class ShardServer:
         self.health.enter_graceful_shutdown()
         self.metrics.up.set(0)
         self.server.stop(grace).wait()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-        log.info("shard on %s stopped", self.address)
+        try:
+            self.store.checkpoint_all()
+        finally:
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+            log.info("shard on %s stopped", self.address)
+            self._finished.set()
 
     def wait(self) -> None:
+        """Blocks until the server has terminated and, if stopping, finished its shutdown."""
         self.server.wait_for_termination()
+        if self._stopped.is_set():
+            self._finished.wait()
 
     def __enter__(self) -> "ShardServer":
         return self.start()
@@ -97,10 +111,13 @@ class ShardServer:
 
 def serve(host: str, port: int, device: str, barrier_timeout: float, grace: float,
           metrics_port: int | None = None, metrics_host: str | None = None,
-          metrics_every: int = 1, max_tensor_series: int = 256) -> None:
+          metrics_every: int = 1, max_tensor_series: int = 256, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, keep_checkpoints: int = 3) -> None:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
     shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout,
-                        metrics_every=metrics_every, max_tensor_series=max_tensor_series).start()
+                        metrics_every=metrics_every, max_tensor_series=max_tensor_series,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                        keep_checkpoints=keep_checkpoints).start()
     if metrics_port is not None:
         metrics_port = shard.serve_metrics(metrics_port, metrics_host)
 

@@ -28,7 +28,7 @@ from optserve.proto.v1 import optserve_pb2 as pb
 log = logging.getLogger("optserve.server")
 
 # Why a gradient was received but not applied; a closed set (metric labels use it).
-LATE, STALE, NONFINITE = "late", "stale", "nonfinite"
+LATE, STALE, NONFINITE, ROLLED_BACK = "late", "stale", "nonfinite", "rolled_back"
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Result:
     tensors: list[int]            # spec indices, in payload order
     payload: bytes
     dtype: int = pb.FLOAT32
-    dropped: str = ""             # "" when applied, else LATE or STALE
+    dropped: str = ""             # "" when applied, else LATE, STALE or ROLLED_BACK
+    last_step: int = 0
 
 
 @dataclass
@@ -84,7 +85,8 @@ class NoObserver:
 
 class Job:
     def __init__(self, spec: pb.JobSpec, shard: int, backend, params: np.ndarray,
-                 barrier_timeout: float, observer=None):
+                 barrier_timeout: float, observer=None, checkpointer=None,
+                 checkpoint_every: int = 0):
         self.spec = spec
         self.name = spec.job
         self.key = spec_key(spec)
@@ -109,6 +111,47 @@ class Job:
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
         self.observer = observer or NoObserver()
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
+
+    def restore(self, version: int, state: FlatState, worker_steps: dict[int, int]) -> None:
+        """Takes a checkpoint's state as the job's own. Call with the lock held (or unshared)."""
+        for name, buf in [("param", state.param), *state.fields.items()]:
+            mine = self.state.param if name == "param" else self.state.fields.get(name)
+            if mine is None or mine.shape != buf.shape:
+                raise ValueError(f"checkpoint buffer {name!r} does not fit the job's layout")
+        self.state.param[:] = state.param
+        for name, buf in state.fields.items():
+            self.state.fields[name][:] = buf
+        self.state.steps[:] = state.steps
+        self.version = version
+        self.worker_step = dict(worker_steps)
+        self.results.clear()
+        self.round = None
+        self.cond.notify_all()
+
+    def checkpoint(self) -> int:
+        """Writes a checkpoint now; returns its version."""
+        if self.checkpointer is None:
+            raise FailedPrecondition("this shard has no --checkpoint-dir")
+        with self.cond:
+            self.checkpointer.save(self)
+            return self.version
+
+    def roll_back(self, version: int) -> int:
+        """Returns the job to its checkpoint at `version` (a no-op when already there)."""
+        if self.checkpointer is None:
+            raise FailedPrecondition("this shard has no --checkpoint-dir")
+        with self.cond:
+            if version == self.version:
+                return version
+            if version not in self.checkpointer.versions(self.name):
+                raise FailedPrecondition(f"job {self.name!r} has no checkpoint at version {version} "
+                                         f"(has {self.checkpointer.versions(self.name)})")
+            manifest, _spec, state = self.checkpointer.load_version(self.name, version)
+            self.restore(version, state, {int(w): s for w, s in manifest["worker_steps"].items()})
+            log.info("job %r rolled back to version %d", self.name, version)
+            return version
 
     @property
     def sync(self) -> bool:
@@ -151,6 +194,10 @@ class Job:
             if cached is not None:
                 _drain(chunks)
                 return cached
+            rolled_back = self._rolled_back(worker, header.version)
+            if rolled_back is not None:
+                _drain(chunks)
+                return rolled_back
             self._check_order(worker, header)
             contribution = self._receive(header, chunks)
             with self.cond:
@@ -173,11 +220,21 @@ class Job:
                 return done[1]
         return None
 
+    def _rolled_back(self, worker: int, version: int) -> Result | None:
+        """The worker holds a version newer than the job's: the shard came back from a
+        checkpoint. It gets the job's parameters and is told where the job stands."""
+        with self.cond:
+            if version <= self.version:
+                return None
+            self.observer.skipped(self, ROLLED_BACK)
+            log.info("job %r: worker %d is at version %d, the job at %d: rolled back",
+                     self.name, worker, version, self.version)
+            return Result(self.version, list(self.tensors),
+                          self._snapshot(np.arange(self.layout.num_tensors)), self.param_dtype,
+                          ROLLED_BACK, self.version if self.sync else self.worker_step.get(worker, 0))
+
     def _check_order(self, worker: int, header: pb.StepHeader) -> None:
         with self.cond:
-            if header.version > self.version:
-                raise InvalidArgument(f"job {self.name!r}: gradient computed on version "
-                                      f"{header.version}, but the job is at {self.version}")
             if self.sync:
                 ok = header.step <= self.version + 1   # earlier ones are late, not wrong
                 expected = self.version + 1
@@ -328,6 +385,8 @@ class Job:
         self.cond.notify_all()
         self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
                                                len(rnd.contributions), first.staleness))
+        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self.checkpointer.save(self)
         return result
 
     def _average(self, contributions: dict[int, Contribution]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ PHASES = ("receive", "wait", "compute", "send")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-SKIP_REASONS = ("late", "stale", "nonfinite")
+SKIP_REASONS = ("late", "stale", "nonfinite", "rolled_back")
 
 
 class ShardMetrics:

@@ -66,7 +66,8 @@ def split_stream(requests: Iterator, what: str):
 def _tensor_header(result: Result) -> pb.TensorHeader:
     return pb.TensorHeader(version=result.version, tensors=result.tensors,
                            total_bytes=len(result.payload), dtype=result.dtype,
-                           dropped=bool(result.dropped), drop_reason=result.dropped)
+                           dropped=bool(result.dropped), drop_reason=result.dropped,
+                           last_step=result.last_step)
 
 
 class OptimizerServicer(pb_grpc.OptimizerServicer):
@@ -110,3 +111,11 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     def LeaveJob(self, request, context):
         self.store.job(request.job).leave(request.worker)
         return pb.LeaveJobResponse()
+
+    @translate_errors
+    def Checkpoint(self, request, context):
+        return pb.CheckpointResponse(version=self.store.job(request.job).checkpoint())
+
+    @translate_errors
+    def Restore(self, request, context):
+        return pb.RestoreResponse(version=self.store.job(request.job).roll_back(request.version))

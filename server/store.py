@@ -20,9 +20,12 @@ log = logging.getLogger("optserve.server")
 
 
 class ShardStore:
-    def __init__(self, backend, barrier_timeout: float = 300.0, observer=None):
+    def __init__(self, backend, barrier_timeout: float = 300.0, observer=None,
+                 checkpointer=None, checkpoint_every: int = 0):
         self.backend = backend
         self.observer = observer
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every if checkpointer is not None else 0
         self.barrier_timeout = barrier_timeout
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
@@ -38,6 +41,29 @@ class ShardStore:
         job = self.job(header.job)
         result = job.step(header, body)
         return result, _timed_send(job, result.payload)
+
+    def _new_job(self, spec: pb.JobSpec, shard: int, params: np.ndarray) -> Job:
+        return Job(spec, shard, self.backend, params, self.barrier_timeout, self.observer,
+                   self.checkpointer, self.checkpoint_every)
+
+    def restore_all(self) -> None:
+        """Restores every job from its newest checkpoint that verifies."""
+        if self.checkpointer is None:
+            return
+        for manifest, spec, state in self.checkpointer.newest_valid():
+            job = self._new_job(spec, manifest["shard"], state.param)
+            with job.cond:
+                job.restore(manifest["version"], state,
+                            {int(w): s for w, s in manifest["worker_steps"].items()})
+            self.jobs[spec.job] = job
+            job.observer.registered(job)
+            log.info("restored job %r at version %d from %s", spec.job, job.version,
+                     self.checkpointer.job_dir(spec.job))
+
+    def checkpoint_all(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.checkpointer is not None:
+                job.checkpoint()
 
     def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> pb.RegisterJobResponse:
         """Creates the job from the first complete registration, or joins the existing one."""
@@ -60,8 +86,7 @@ class ShardStore:
             if job is not None:
                 _check_same_spec(job, spec, header.shard)
             else:
-                job = Job(spec, header.shard, self.backend, params, self.barrier_timeout,
-                          self.observer)
+                job = self._new_job(spec, header.shard, params)
                 self.jobs[spec.job], created = job, True
         if created:
             job.observer.registered(job)

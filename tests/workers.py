@@ -79,3 +79,29 @@ def joins_then_hangs(servers, job, on_timeout, ready):
                     timeout=2.0, on_timeout=on_timeout)
     ready.set()
     time.sleep(600)
+
+
+def replaying_worker(rank, servers, job, steps, delay, out):
+    """Sync worker whose batches are a function of the step index, so that after a
+    RolledBack it can replay exactly; reports its final parameters and rollbacks."""
+    from optserve.client import RolledBack
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job=job, rank=rank,
+                          world_size=2, lr=1e-2, rpc_timeout=20.0, retries=40)
+    rollbacks, step = [], 0
+    while step < steps:
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        time.sleep(delay)  # a training step's worth of time, so that kills land mid-run
+        try:
+            opt.step()
+            step += 1
+        except RolledBack as e:
+            rollbacks.append((step, e.step))
+            step = e.step
+    out.put((rank, [p.detach().numpy().copy() for p in model.parameters()], rollbacks))
+    opt.close()

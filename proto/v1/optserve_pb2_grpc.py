@@ -64,6 +64,16 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/optserve.v1.Optimizer/Checkpoint',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/optserve.v1.Optimizer/Restore',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -114,6 +124,21 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Writes a checkpoint of the job now (needs the shard's --checkpoint-dir).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Rolls the job back to one of its checkpoints: how a client brings every shard to the
+        version that a restarted shard came back at. A no-op when the job is at that version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +171,16 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.LeaveJob,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointRequest.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +345,60 @@ class Optimizer:
             '/optserve.v1.Optimizer/LeaveJob',
             optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobRequest.SerializeToString,
             optserve_dot_proto_dot_v1_dot_optserve__pb2.LeaveJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/Checkpoint',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointRequest.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/Restore',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
