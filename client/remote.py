@@ -9,6 +9,7 @@ and copies the updated parameters that come back into `param.data`.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import time
@@ -79,6 +80,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         "float32", "bfloat16" or "float16". Master weights and state stay float32.
       rpc_timeout: seconds for any one call; retries: attempts on UNAVAILABLE or
         DEADLINE_EXCEEDED, with exponential backoff.
+      token: the job's bearer token, when the shards check tokens.
+      tls_ca, tls_cert, tls_key: PEM files: the CA that signed the shards' certificates
+        (TLS), and this worker's certificate and key (mutual TLS).
       **hyperparameters: under the peer optimizer's names (lr, betas, eps, weight_decay, ...;
         weight_decay_mode for adamw; delta, wd_ratio, nesterov for adamp; HF's names for
         adafactor).
@@ -90,7 +94,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  staleness_lr: bool = False, timeout: float | None = None,
                  on_timeout: str = "fail", grad_dtype: str = "float32",
                  param_dtype: str = "float32", rpc_timeout: float | None = 600.0,
-                 retries: int = 12, **hyperparameters):
+                 retries: int = 12, token: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, **hyperparameters):
         info = optimizers.REGISTRY.get(optimizer)
         if info is None:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimizers.REGISTRY)}")
@@ -133,8 +138,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         home = place([numel(t.shape) for t in self.spec.tensors], len(servers))
         self._shard_tensors = [[i for i, s in enumerate(home) if s == k] for k in range(len(servers))]
         _warn_if_unbalanced(self.spec, home, len(servers))
-        self._channels = [grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in servers]
-        self._stubs = [pb_grpc.OptimizerStub(c) for c in self._channels]
+        self._channels = [_channel(a, tls_ca, tls_cert, tls_key) for a in servers]
+        calls = [grpc.intercept_channel(c, _BearerToken(token)) if token else c
+                 for c in self._channels]
+        self._stubs = [pb_grpc.OptimizerStub(c) for c in calls]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="optserve-client")
         self._step_no = [0] * len(servers)   # the last step completed, per shard
         self._version = [0] * len(servers)   # the parameter version held, per shard
@@ -387,6 +394,45 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _channel(address: str, ca: str | None, cert: str | None, key: str | None) -> grpc.Channel:
+    if not (ca or cert):
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    read = lambda path: open(path, "rb").read() if path else None
+    credentials = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+    return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str):
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        return _CallDetails(details.method, details.timeout,
+                            list(details.metadata or []) + [self.metadata], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
 
 
 def _flat_bytes(tensors: list[torch.Tensor], dtype: torch.dtype) -> memoryview:

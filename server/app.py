@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,16 +17,32 @@ from optserve.kernels import get_backend
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server.checkpoint import Checkpointer
-from optserve.server.interceptors import RpcCounter
+from optserve.server.interceptors import RpcCounter, TokenAuth, load_tokens
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
 from optserve.server.servicer import OptimizerServicer
-from optserve.server.store import ShardStore
+from optserve.server.store import Limits, ShardStore
 
 log = logging.getLogger("optserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Optimizer"].full_name
 # Room for a 4 MiB chunk plus framing; anything larger is refused by gRPC itself.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of the shard's TLS identity; with `client_ca`, clients must present a
+    certificate signed by it (mutual TLS)."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        read = lambda path: pathlib.Path(path).read_bytes()
+        return grpc.ssl_server_credentials(
+            [(read(self.key), read(self.cert))],
+            root_certificates=read(self.client_ca) if self.client_ca else None,
+            require_client_auth=self.client_ca is not None)
 
 
 class ShardServer:
@@ -35,27 +53,34 @@ class ShardServer:
                  max_threads: int = 64, barrier_timeout: float = 300.0,
                  metrics_every: int = 1, max_tensor_series: int = 256,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 3):
+                 keep_checkpoints: int = 3, tls: TLSFiles | None = None,
+                 tokens: dict[str, str] | None = None, limits: Limits | None = None):
         self.backend = get_backend(device)
         self.metrics = ShardMetrics()
         recorder = MetricsRecorder(self.metrics, metrics_every, max_tensor_series)
         checkpointer = Checkpointer(checkpoint_dir, keep_checkpoints) if checkpoint_dir else None
         self.store = ShardStore(self.backend, barrier_timeout=barrier_timeout, observer=recorder,
-                                checkpointer=checkpointer, checkpoint_every=checkpoint_every)
+                                checkpointer=checkpointer, checkpoint_every=checkpoint_every,
+                                limits=limits or Limits())
         self.store.restore_all()
         self.health = health.HealthServicer()
+        interceptors = [RpcCounter(self.metrics.rpcs)]
+        if tokens is not None:
+            interceptors.append(TokenAuth(tokens))
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
                                                              thread_name_prefix="optserve"),
-                                  options=options,
-                                  interceptors=[RpcCounter(self.metrics.rpcs)])
+                                  options=options, interceptors=interceptors)
         pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}")
         self.host = host
@@ -112,12 +137,15 @@ class ShardServer:
 def serve(host: str, port: int, device: str, barrier_timeout: float, grace: float,
           metrics_port: int | None = None, metrics_host: str | None = None,
           metrics_every: int = 1, max_tensor_series: int = 256, checkpoint_dir: str | None = None,
-          checkpoint_every: int = 0, keep_checkpoints: int = 3) -> None:
+          checkpoint_every: int = 0, keep_checkpoints: int = 3, tls: TLSFiles | None = None,
+          tokens_file: str | None = None, limits: Limits | None = None) -> None:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
     shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout,
                         metrics_every=metrics_every, max_tensor_series=max_tensor_series,
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                        keep_checkpoints=keep_checkpoints).start()
+                        keep_checkpoints=keep_checkpoints, tls=tls,
+                        tokens=load_tokens(tokens_file) if tokens_file else None,
+                        limits=limits).start()
     if metrics_port is not None:
         metrics_port = shard.serve_metrics(metrics_port, metrics_host)
 

@@ -1,19 +1,38 @@
-"""gRPC server interceptors: cross-cutting concerns kept out of the servicer."""
+"""gRPC server interceptors: cross-cutting concerns kept out of the servicer.
+
+- `RpcCounter` counts every RPC by method and final status code.
+- `TokenAuth` checks per-job bearer tokens before any servicer code runs.
+"""
 from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import pathlib
 
 import grpc
 
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
-def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
-    code = context.code()
-    if code is None:
-        return "UNKNOWN" if failed else "OK"
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+def _behavior(handler):
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _with_behavior(handler, behavior):
+    """A handler of the same kind and serializers as `handler`, running `behavior`."""
+    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return factory(behavior, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
 
 
 class RpcCounter(grpc.ServerInterceptor):
-    """Counts every RPC by method and final status code into `counter` (a labelled
-    prometheus Counter with labels method, code)."""
+    """Counts every RPC into `counter`, a prometheus Counter labelled (method, code)."""
 
     def __init__(self, counter):
         self.counter = counter
@@ -23,37 +42,104 @@ class RpcCounter(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        count = lambda context, failed: self.counter.labels(method, _code_name(context, failed)).inc()
+        inner = _behavior(handler)
 
-        def unary(behavior):
-            def wrapped(request, context):
-                try:
-                    response = behavior(request, context)
-                except BaseException:
-                    count(context, True)
-                    raise
-                count(context, False)
-                return response
-            return wrapped
+        def count(context, failed: bool) -> None:
+            code = context.code()
+            name = code.name if isinstance(code, grpc.StatusCode) else ("UNKNOWN" if failed else "OK")
+            self.counter.labels(method, name).inc()
 
-        def streaming(behavior):
-            def wrapped(request, context):
-                try:
-                    yield from behavior(request, context)
-                except BaseException:
-                    count(context, True)
-                    raise
-                count(context, False)
-            return wrapped
+        def unary(request, context):
+            try:
+                response = inner(request, context)
+            except BaseException:
+                count(context, True)
+                raise
+            count(context, False)
+            return response
 
-        wrap = streaming if handler.response_streaming else unary
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
-                    or handler.stream_stream)
-        return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        def streaming(request, context):
+            try:
+                yield from inner(request, context)
+            except BaseException:
+                count(context, True)
+                raise
+            count(context, False)
+
+        return _with_behavior(handler, streaming if handler.response_streaming else unary)
+
+
+# Services anyone may call: health checks and reflection name no job.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")
+
+
+def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
+    """The tokens file: JSON, {"job name": "token", ...}."""
+    tokens = json.loads(pathlib.Path(path).read_text())
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                               for k, v in tokens.items()):
+        raise ValueError(f"{path}: expected a JSON object of job name -> non-empty token")
+    return tokens
+
+
+def job_of(message) -> str:
+    """The job a request names: `job`, or its stream header's `job` or `spec.job`."""
+    if "job" in message.DESCRIPTOR.fields_by_name:
+        return message.job
+    if message.WhichOneof("kind") != "header":
+        return ""
+    header = message.header
+    return header.spec.job if "spec" in header.DESCRIPTOR.fields_by_name else header.job
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Per-job bearer tokens (`authorization: Bearer <token>`):
+    - no token, a malformed header, or a token of no job: UNAUTHENTICATED;
+    - the token of another job, or a job without a token: PERMISSION_DENIED.
+    The given token is compared in constant time with every configured one, so the time a
+    check takes says nothing about which tokens exist."""
+
+    def __init__(self, tokens: dict[str, str]):
+        self.tokens = {job: token.encode() for job, token in tokens.items()}
+
+    def check(self, metadata, job: str) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may go on, else the status to answer with."""
+        scheme, _, token = dict(metadata or ()).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"
+        given = token.encode()
+        granted = [j for j, t in self.tokens.items() if hmac.compare_digest(given, t)]
+        if not granted:
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
+        if job not in granted:
+            return grpc.StatusCode.PERMISSION_DENIED, f"this token does not grant job {job!r}"
+        return None
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_SERVICES):
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        inner = _behavior(handler)
+
+        def guard(request, context):
+            denied = self.check(metadata, job_of(request))
+            if denied:
+                context.abort(*denied)
+
+        def checked_stream(requests, context):
+            first = next(requests, None)
+            if first is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "empty request stream")
+            guard(first, context)
+            return itertools.chain([first], requests)
+
+        if handler.request_streaming:
+            def behavior(requests, context):
+                return inner(checked_stream(requests, context), context)
+        else:
+            def behavior(request, context):
+                guard(request, context)
+                return inner(request, context)
+        return _with_behavior(handler, behavior)

@@ -5,12 +5,14 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from optserve.proto import optimizers
-from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
+from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
+                                   ResourceExhausted)
 from optserve.proto.spec import Assembler, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.spec import chunks as cut_chunks
@@ -19,10 +21,19 @@ from optserve.server.job import Job, Result
 log = logging.getLogger("optserve.server")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED."""
+    max_jobs: int = 64
+    max_params_per_job: int = 2_000_000_000
+    max_state_bytes: int = 64 * 2**30     # parameters + optimizer state over all jobs
+
+
 class ShardStore:
     def __init__(self, backend, barrier_timeout: float = 300.0, observer=None,
-                 checkpointer=None, checkpoint_every: int = 0):
+                 checkpointer=None, checkpoint_every: int = 0, limits: Limits = Limits()):
         self.backend = backend
+        self.limits = limits
         self.observer = observer
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every if checkpointer is not None else 0
@@ -41,6 +52,24 @@ class ShardStore:
         job = self.job(header.job)
         result = job.step(header, body)
         return result, _timed_send(job, result.payload)
+
+    def _check_limits(self, spec: pb.JobSpec, local: list[int]) -> None:
+        """Refuses a new job that would take the shard over a limit, before allocating it."""
+        params = sum(numel(spec.tensors[t].shape) for t in local)
+        info = optimizers.get(spec.optimizer)
+        state = 4 * params + 4 * sum(
+            numel(shape) for t in local
+            for shape in info.state_fields(tuple(spec.tensors[t].shape),
+                                           spec.groups[spec.tensors[t].group]).values())
+        held = sum(j.layout.state_bytes() for j in self.jobs.values())
+        if len(self.jobs) >= self.limits.max_jobs:
+            raise ResourceExhausted(f"this shard holds {len(self.jobs)} jobs, its limit")
+        if params > self.limits.max_params_per_job:
+            raise ResourceExhausted(f"job {spec.job!r} has {params} parameters on this shard, "
+                                    f"over the limit of {self.limits.max_params_per_job}")
+        if held + state > self.limits.max_state_bytes:
+            raise ResourceExhausted(f"job {spec.job!r} needs {state} bytes of state; the shard "
+                                    f"holds {held} of its {self.limits.max_state_bytes}")
 
     def _new_job(self, spec: pb.JobSpec, shard: int, params: np.ndarray) -> Job:
         return Job(spec, shard, self.backend, params, self.barrier_timeout, self.observer,
@@ -73,6 +102,8 @@ class ShardStore:
         if existing is not None:
             _check_same_spec(existing, spec, header.shard)
         local = shard_tensors(spec, header.shard)
+        if existing is None:
+            self._check_limits(spec, local)
         total = 4 * sum(numel(spec.tensors[t].shape) for t in local)
         raw = Assembler(total, f"job {spec.job!r} initial parameters")
         for chunk in chunks:
@@ -86,6 +117,7 @@ class ShardStore:
             if job is not None:
                 _check_same_spec(job, spec, header.shard)
             else:
+                self._check_limits(spec, local)
                 job = self._new_job(spec, header.shard, params)
                 self.jobs[spec.job], created = job, True
         if created:
