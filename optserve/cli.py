@@ -9,14 +9,15 @@ import sys
 def _server(args: argparse.Namespace) -> int:
     from optserve.server import serve
     from optserve.server.app import TLSFiles
-    from optserve.server.store import Limits
+    from optserve.server.store import Limits, half_of_memory
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
           args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series,
           args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints,
           TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
-          args.tokens_file, Limits(args.max_jobs, args.max_params_per_job, args.max_state_bytes))
+          args.tokens_file,
+          Limits(args.max_jobs, args.max_params_per_job, args.max_state_bytes or half_of_memory()))
     return 0
 
 
@@ -81,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='JSON {"job": "token"}: every call needs its job\'s bearer token')
     server.add_argument("--max-jobs", type=int, default=64)
     server.add_argument("--max-params-per-job", type=int, default=2_000_000_000)
-    server.add_argument("--max-state-bytes", type=int, default=64 * 2**30,
-                        help="parameters + optimizer state over all jobs")
+    server.add_argument("--max-state-bytes", type=int, default=None,
+                        help="parameters + optimizer state over all jobs (default: half of RAM)")
     server.set_defaults(func=_server)
 
     health = sub.add_parser("health", help="check a shard's grpc.health.v1 status")

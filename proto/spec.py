@@ -96,7 +96,7 @@ def decode(raw: np.ndarray, dtype: int, out: np.ndarray) -> None:
         # bfloat16 is the top half of a float32.
         np.left_shift(raw.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
-        raise InvalidArgument(f"unsupported wire dtype {pb.DType.Name(dtype)}")
+        raise InvalidArgument(f"unsupported wire dtype {dtype_name(dtype)}")
 
 
 def encode(values: np.ndarray, dtype: int) -> bytes:
@@ -110,4 +110,9 @@ def encode(values: np.ndarray, dtype: int) -> bytes:
         bits = values.astype(np.float32, copy=False).view(np.uint32)
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
         return (rounded >> 16).astype("<u2").tobytes()
-    raise InvalidArgument(f"unsupported wire dtype {pb.DType.Name(dtype)}")
+    raise InvalidArgument(f"unsupported wire dtype {dtype_name(dtype)}")
+
+
+def dtype_name(dtype: int) -> str:
+    """A wire dtype's name, also for values no DType defines (they arrive from the wire)."""
+    return pb.DType.Name(dtype) if dtype in pb.DType.values() else f"unknown dtype {dtype}"

@@ -22,7 +22,8 @@ from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState
 from optserve.proto import optimizers
 from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                                    NotFound)
-from optserve.proto.spec import WIRE_ITEMSIZE, Assembler, decode, encode, shard_tensors, spec_key
+from optserve.proto.spec import (WIRE_ITEMSIZE, Assembler, decode, dtype_name, encode,
+                                 shard_tensors, spec_key)
 from optserve.proto.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.server")
@@ -274,8 +275,8 @@ class Job:
         """Validates the header, receives the whole payload and decodes it. No state is touched."""
         if header.dtype != self.spec.grad_dtype:
             raise InvalidArgument(
-                f"job {self.name!r}: gradients must travel as {pb.DType.Name(self.spec.grad_dtype)}, "
-                f"got {pb.DType.Name(header.dtype)}")
+                f"job {self.name!r}: gradients must travel as {dtype_name(self.spec.grad_dtype)}, "
+                f"got {dtype_name(header.dtype)}")
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
         itemsize = WIRE_ITEMSIZE[header.dtype]
@@ -461,21 +462,25 @@ class Job:
         if len(header.steps) != len(header.tensors):
             raise InvalidArgument("state header: steps and tensors differ in length")
         local = self._local_indices(header.tensors)
-        expected, total = self._expected_entries(local), 0
+        expected = self._expected_entries(local)
         got = {(e.tensor, e.field): e for e in header.entries}
         if set(got) != set(expected) or len(got) != len(header.entries):
             raise InvalidArgument(f"job {self.name!r}: state entries {sorted(got)} do not match "
                                   f"the expected fields {sorted(expected)}")
-        for key, shape in expected.items():
-            e = got[key]
+        total = 0
+        for e in sorted(header.entries, key=lambda e: e.offset):
+            shape = expected[(e.tensor, e.field)]
             if tuple(e.shape) != shape:
-                raise InvalidArgument(f"job {self.name!r}: state {key[1]!r} of tensor "
-                                      f"{self.spec.tensors[key[0]].name!r} has shape {tuple(e.shape)}, "
-                                      f"expected {shape}")
-            total = max(total, e.offset + 4 * math.prod(shape))
-        if header.total_bytes < total:
-            raise InvalidArgument(f"state payload of {header.total_bytes} bytes is smaller than "
-                                  f"its entries need ({total})")
+                raise InvalidArgument(f"job {self.name!r}: state {e.field!r} of tensor "
+                                      f"{self.spec.tensors[e.tensor].name!r} has shape "
+                                      f"{tuple(e.shape)}, expected {shape}")
+            if e.offset != total:
+                raise InvalidArgument(f"state entries must be contiguous: {e.field!r} of tensor "
+                                      f"{e.tensor} at byte {e.offset}, expected {total}")
+            total += 4 * math.prod(shape)
+        if header.total_bytes != total:  # checked before anything is allocated
+            raise InvalidArgument(f"state payload declared as {header.total_bytes} bytes, "
+                                  f"its entries need {total}")
         raw = Assembler(header.total_bytes, f"job {self.name!r} optimizer state")
         for chunk in chunks:
             raw.add(chunk)

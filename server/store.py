@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from optserve.proto import optimizers
 from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
                                    ResourceExhausted)
-from optserve.proto.spec import Assembler, numel, shard_tensors, spec_key
+from optserve.proto.spec import Assembler, dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.spec import chunks as cut_chunks
 from optserve.server.job import Job, Result
@@ -21,12 +22,17 @@ from optserve.server.job import Job, Result
 log = logging.getLogger("optserve.server")
 
 
+def half_of_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED."""
     max_jobs: int = 64
     max_params_per_job: int = 2_000_000_000
-    max_state_bytes: int = 64 * 2**30     # parameters + optimizer state over all jobs
+    # parameters + optimizer state over all jobs; by default half of this machine's memory
+    max_state_bytes: int = field(default_factory=half_of_memory)
 
 
 class ShardStore:
@@ -188,10 +194,10 @@ def _spec_difference(a: pb.JobSpec, b: pb.JobSpec) -> str:
 
 
 def _diff_fields(a, b) -> str:
-    for field in a.DESCRIPTOR.fields:
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if not field.is_repeated and x != y:
-            return f"{field.name}: {x!r} registered, {y!r} sent"
+    for descriptor in a.DESCRIPTOR.fields:
+        x, y = getattr(a, descriptor.name), getattr(b, descriptor.name)
+        if not descriptor.is_repeated and x != y:
+            return f"{descriptor.name}: {x!r} registered, {y!r} sent"
     return ""
 
 
@@ -201,7 +207,7 @@ def _log_registered(job: Job) -> None:
              "%d worker(s), %s, gradients as %s, parameters back as %s, state %.1f MB on %s",
              spec.job, spec.optimizer, len(job.tensors), len(spec.tensors), job.layout.numel,
              job.shard, spec.num_shards, spec.num_workers, pb.ConsistencyMode.Name(spec.mode).lower(),
-             pb.DType.Name(spec.grad_dtype).lower(), pb.DType.Name(job.param_dtype).lower(),
+             dtype_name(spec.grad_dtype).lower(), dtype_name(job.param_dtype).lower(),
              job.layout.state_bytes() / 1e6, job.backend.name)
 
 
