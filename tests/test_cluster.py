@@ -78,10 +78,10 @@ def test_async_workers_train_to_target(shard):
 def test_backup_worker_lets_steps_proceed_and_drops_late_gradients(shard):
     """3 workers, 1 backup: the slow worker never holds the others up; its late gradients
     are dropped and counted, and it catches up with the job's parameters."""
-    out = CTX.Queue()
+    out, start = CTX.Queue(), CTX.Barrier(3)
     kwargs = dict(backup_workers=1, lr=1e-3)
-    procs = [run(workers.steady_worker, r, [shard.address], "backup", 3, 10, delay, out, kwargs)
-             for r, delay in enumerate([0.0, 0.0, 0.3])]
+    procs = [run(workers.steady_worker, r, [shard.address], "backup", 3, 10, delay, out, kwargs,
+                 start) for r, delay in enumerate([0.0, 0.0, 0.3])]
     results = dict(collect(out, 3))
     for p in procs:
         p.join(30)
@@ -184,10 +184,11 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
     for t in threads:
         t.join()
     assert shard.store.job("dup").version == 1
-    assert results[0][0] == results[1][0] and (results[0][1] == results[1][1]).all()
+    (first, values), (second, again) = results
+    assert first == second and (values == again).all()
     ref = torch.optim.AdamW(ref_model.parameters())
     torch.nn.functional.cross_entropy(ref_model(x), y).backward()
     ref.step()
-    opts[0]._write_back(*results[0])
+    opts[0]._write_back(list(first.tensors), values)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

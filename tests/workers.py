@@ -35,12 +35,14 @@ def sync_worker(rank, servers, job, optimizer, steps, out):
     opt.close()
 
 
-def steady_worker(rank, servers, job, world_size, steps, delay, out, kwargs):
-    """Steps `steps` times, sleeping `delay` seconds before each step."""
+def steady_worker(rank, servers, job, world_size, steps, delay, out, kwargs, start):
+    """Steps `steps` times, sleeping `delay` seconds before each step, once every worker has
+    registered (`start`, a barrier)."""
     torch.set_num_threads(1)
     model = make_model()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job=job, rank=rank,
                           world_size=world_size, **kwargs)
+    start.wait()
     x, y = make_data(seed=rank)
     for _ in range(steps):
         time.sleep(delay)
