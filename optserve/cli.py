@@ -38,6 +38,9 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.compare:
+        from optserve.compare import run_compare
+        return run_compare(args)
     from optserve.demo import run_demo
     return run_demo(args)
 
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
     demo.add_argument("--metrics-port", type=int, default=None,
                       help="first shard's Prometheus port (shard k uses this + k)")
+    demo.add_argument("--compare", action="store_true",
+                      help="train a BatchNorm net under Adam+L2, AdamW and AdamP and plot the "
+                           "conv weights' norm and effective step")
+    demo.add_argument("--compare-out", default="optserve-compare.png",
+                      help="where --compare writes its plot")
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
                       help="comma-separated list of optimizers to run, one after another")

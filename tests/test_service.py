@@ -83,3 +83,15 @@ def test_dependency_boundaries(module, blocked):
         code += (f"s = optserve.server.ShardServer(port=0, device={DEVICE!r}).start()\n"
                  "s.stop(0)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_demo_compare_shows_adamp_keeping_scale_invariant_norms_flat(tmp_path):
+    """The science demo, short: on conv weights followed by BatchNorm, AdamP's projection
+    keeps the norm from growing the way Adam+L2's does; the plot is written."""
+    from optserve.compare import collect, plot
+    results = {r["label"]: r for r in collect(DEVICE, steps=25)}
+    growth = {k: r["norms"][-1] - r["norms"][0] for k, r in results.items()}
+    assert growth["AdamP"] < 0.5 * growth["Adam+L2"], growth
+    assert results["Adafactor"]["optimizer_state_bytes"] < results["AdamW"]["optimizer_state_bytes"] / 4
+    plot(list(results.values()), str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
