@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=int, default=None,
                       help="run only this worker (with --servers), e.g. one container of a cluster")
     demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
+    demo.add_argument("--tokens-file", default=None,
+                      help='JSON {"job": "token"}: the bearer token each job\'s workers send')
     demo.add_argument("--metrics-port", type=int, default=None,
                       help="first shard's Prometheus port (shard k uses this + k)")
     demo.add_argument("--compare", action="store_true",

@@ -9,6 +9,7 @@ same model from the same seed, one after another, and the summary compares them.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import re
@@ -82,6 +83,7 @@ class WorkerArgs:
     batch: int
     job: str
     mode: str
+    token: str | None = None
 
 
 def worker(args: WorkerArgs, progress) -> None:
@@ -99,7 +101,7 @@ def worker(args: WorkerArgs, progress) -> None:
     hyper = dict(RECIPES[args.optimizer])
     opt = RemoteOptimizer(param_groups(model, hyper.pop("weight_decay")), args.optimizer,
                           servers=args.servers, job=args.job, rank=args.rank,
-                          world_size=args.world_size, mode=args.mode, **hyper)
+                          world_size=args.world_size, mode=args.mode, token=args.token, **hyper)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     g = torch.Generator().manual_seed(100 + args.rank)
     for step in range(1, args.steps + 1):
@@ -156,8 +158,13 @@ def train_one(optimizer: str, servers: list[str], ranks: list[int],
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
     job = f"{args.job or f'demo-{os.getpid()}'}-{optimizer}"
+    token = None
+    if args.tokens_file:
+        with open(args.tokens_file) as f:
+            token = json.load(f).get(job)
     procs = [ctx.Process(target=worker, args=(WorkerArgs(r, args.workers, servers, optimizer,
-                                                         args.steps, 64, job, args.mode), progress))
+                                                         args.steps, 64, job, args.mode, token),
+                                              progress))
              for r in ranks]
     start = time.perf_counter()
     for p in procs:
