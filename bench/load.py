@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
+import queue
 import re
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         memory.append((round(time.monotonic() - began, 1), [rss_mb(s.pid) for s, _ in shards]))
         try:
             results.append(out.get(timeout=1.0))
-        except Exception:  # queue.Empty: keep sampling memory
+        except queue.Empty:  # keep sampling memory
             pass
     for p in procs:
         p.join()

@@ -12,6 +12,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def train_one(optimizer: str, servers: list[str], ranks: list[int],
     while result is None:
         try:
             msg = progress.get(timeout=1.0)
-        except Exception:  # queue.Empty: check the workers are still alive
+        except queue.Empty:  # check the workers are still alive
             if any(p.exitcode not in (None, 0) for p in procs):
                 raise SystemExit(f"a {optimizer} worker failed")
             if 0 not in ranks and all(p.exitcode == 0 for p in procs):
@@ -212,7 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"optserve demo: shards {', '.join(servers)}, {args.workers} workers in {args.mode} mode, "
           f"{args.steps} steps each, classifying {len(CLASSES)} generated shapes")
     if args.metrics_port is not None and shards:
-        print(f"metrics: " + ", ".join(f"http://127.0.0.1:{args.metrics_port + k}/metrics"
+        print("metrics: " + ", ".join(f"http://127.0.0.1:{args.metrics_port + k}/metrics"
                                        for k in range(len(shards))))
     try:
         results = [train_one(o, servers, ranks, args) for o in optimizers]

@@ -1,7 +1,6 @@
 """Durable checkpoints and crash recovery, with shard processes killed for real."""
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import random
@@ -14,7 +13,6 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 import torch
 
 import workers

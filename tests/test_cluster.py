@@ -12,7 +12,6 @@ import torch
 import workers
 from models import make_data, make_model, param_groups
 from optserve.client import DeadlineExceeded, RemoteOptimizer
-from optserve.proto.v1 import optserve_pb2 as pb
 
 import adamp
 import transformers.optimization as hf

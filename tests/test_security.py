@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from conftest import DEVICE
 from models import make_data, make_model
-from optserve.client import (OptserveError, PermissionDenied, RemoteOptimizer, ResourceExhausted,
+from optserve.client import (PermissionDenied, RemoteOptimizer, ResourceExhausted,
                              Unauthenticated, Unavailable)
 from optserve.server import ShardServer
 from optserve.server.app import TLSFiles
