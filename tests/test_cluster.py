@@ -191,3 +191,46 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
     opts[0]._write_back(list(first.tensors), values)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_dtype,torch_dtype", [("bfloat16", torch.bfloat16),
+                                                    ("float16", torch.float16)])
+def test_low_precision_gradients_on_the_wire(shard, grad_dtype, torch_dtype):
+    """Gradients sent as bf16/fp16 are the float32 master's input rounded to that dtype:
+    the oracle is AdamW fed the same rounded gradients. Both sides get the oracle model's
+    gradients, so that a last-bit difference in the parameters cannot flip a rounding."""
+    model, ref_model = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address],
+                          job=f"wire-{grad_dtype}", grad_dtype=grad_dtype, lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    for seed in range(10):
+        x, y = make_data(seed)
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            p.grad = q.grad.clone()
+            q.grad = q.grad.to(torch_dtype).float()
+        opt.step()
+        ref.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    opt.close()
+
+
+def test_bfloat16_parameters_on_the_wire(shard):
+    """param_dtype="bfloat16": the worker gets the float32 master rounded to nearest-even
+    bf16; the master itself stays float32 on the shard."""
+    model, ref_model = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="wire-out",
+                          param_dtype="bfloat16", lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    x, y = make_data()
+    for m, o in ((model, opt), (ref_model, ref)):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q.to(torch.bfloat16).float(), rtol=0, atol=0)
+    master = torch.from_numpy(shard.store.job("wire-out").state.param.copy())
+    flat = torch.cat([q.detach().reshape(-1) for q in ref_model.parameters()])
+    torch.testing.assert_close(master, flat, rtol=1e-5, atol=1e-6)
+    opt.close()
