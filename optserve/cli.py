@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["kernels", "e2e", "load"])
+    bench.add_argument("what", choices=["kernels", "e2e", "load", "metrics"])
     bench.add_argument("--quick", action="store_true", help="a reduced set, for smoke checks")
     bench.add_argument("--out", default=None,
                        help="results folder (default: bench/results in the source tree)")
