@@ -35,5 +35,9 @@ def get_backend(device: str = "auto"):
         from optserve.kernels import reference
         return reference
     if device == "cuda":
-        raise ValueError("the cuda backend is not built yet; use --device cpu")
+        if not _cuda_available():
+            raise ValueError("device 'cuda' asked for, but no CUDA GPU is visible to CuPy "
+                             "(pip install -e '.[cuda]' on a machine with a GPU); use --device cpu")
+        from optserve.kernels import cuda
+        return cuda
     raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or reference")
