@@ -70,12 +70,12 @@ def write_json(path: Path, records: list[dict[str, Any]], meta: dict[str, Any] |
 
 def markdown_table(records: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """A Markdown table of `records`; columns are (key, heading). Floats get 3 significant
-    digits, missing values a dash."""
+    digits (no exponent), missing values a dash."""
     def cell(value: Any) -> str:
         if value is None:
             return "—"
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+            return f"{value:.0f}" if abs(value) >= 99.95 else f"{value:.3g}"
         return str(value)
 
     lines = ["| " + " | ".join(h for _, h in columns) + " |",

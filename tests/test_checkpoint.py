@@ -138,6 +138,20 @@ def verify_all(directory) -> int:
     return count
 
 
+def collect(out, procs, timeout=600):
+    """Every worker's result; fails at once if a worker died instead of reporting."""
+    import queue
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a worker died (exit codes {dead})"
+            assert time.monotonic() < deadline, "the workers did not finish"
+    return results
+
+
 def run_workers(servers, job, steps, delay=0.0):
     out = CTX.Queue()
     procs = [CTX.Process(target=workers.replaying_worker, args=(r, servers, job, steps, delay, out))
@@ -156,7 +170,7 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
     port = free_port()
     shard = start_shard(port, clean_dir, every=4)
     procs, out = run_workers([f"127.0.0.1:{port}"], "soak", steps)
-    clean = sorted(out.get(timeout=300) for _ in procs)
+    clean = sorted(collect(out, procs))
     shard.kill()
 
     port = free_port()
@@ -170,9 +184,12 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
         time.sleep(0.05)
     kills = 0
     while kills < TRIALS and any(p.is_alive() for p in procs):
-        time.sleep(rng.uniform(0.3, 1.2))
-        # Kill between checkpoints (every 4 versions), so that the restart loses steps.
-        while any(p.is_alive() for p in procs) and version_of(address, "soak") % 4 == 0:
+        # Let the workers make 1 to 9 steps of progress, so kills land at random places
+        # relative to the checkpoints (every 4 versions); the first lands between two.
+        target = version_of(address, "soak") + rng.randint(1, 9)
+        while kills == 0 and target % 4 == 0:
+            target += 1
+        while any(p.is_alive() for p in procs) and version_of(address, "soak") < target:
             time.sleep(0.005)
         shard.kill()
         shard.wait()
@@ -184,7 +201,7 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
             _, _, state = Checkpointer(crash_dir).load_version("soak", versions[-1])
             params, _ = state_of(address, "soak")
             assert params == state.param.tobytes()
-    crashed = sorted(out.get(timeout=600) for _ in procs)
+    crashed = sorted(collect(out, procs))
     shard.kill()
     assert kills == TRIALS
     assert any(rollbacks for _, _, rollbacks in crashed), "no kill landed mid-run"
