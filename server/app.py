@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from optserve.kernels import get_backend
+from optserve.proto.spec import tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server.checkpoint import Checkpointer
@@ -140,6 +141,7 @@ def serve(host: str, port: int, device: str, barrier_timeout: float, grace: floa
           checkpoint_every: int = 0, keep_checkpoints: int = 3, tls: TLSFiles | None = None,
           tokens_file: str | None = None, limits: Limits | None = None) -> None:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
+    tune_malloc()
     shard = ShardServer(host, port, device=device, barrier_timeout=barrier_timeout,
                         metrics_every=metrics_every, max_tensor_series=max_tensor_series,
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,

@@ -82,6 +82,7 @@ class NoObserver:
     def skipped(self, job, reason): pass
     def members_changed(self, job): pass
     def stepped(self, job, report): pass
+    def wants_stats(self, job): return False
 
 
 class Job:
@@ -280,19 +281,23 @@ class Job:
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
         itemsize = WIRE_ITEMSIZE[header.dtype]
+        grad = np.empty(self.layout.numel, np.float32)
+        # All tensors as float32: the payload already is the flat layout, receive in place.
+        in_place = header.dtype == pb.FLOAT32 and len(local) == self.layout.num_tensors
         raw = Assembler(self.payload_bytes(local, itemsize),
-                        f"job {self.name!r} step {header.step} gradient")
+                        f"job {self.name!r} step {header.step} gradient",
+                        out=grad.view(np.uint8) if in_place else None)
         start = time.perf_counter()
         for chunk in chunks:
             raw.add(chunk)
         wire = raw.finish()
         self.observer.received(self, raw.total, time.perf_counter() - start)
-        grad = np.empty(self.layout.numel, np.float32)
         pos = 0
         for k in local:
             o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
             seg = grad[o:o + n]
-            decode(wire[pos:pos + n * itemsize], header.dtype, seg)
+            if not in_place:
+                decode(wire[pos:pos + n * itemsize], header.dtype, seg)
             pos += n * itemsize
             if not np.isfinite(seg).all():
                 self.observer.skipped(self, NONFINITE)
@@ -371,7 +376,8 @@ class Job:
         self.state.steps[active] += 1
         start = time.perf_counter()
         hyper = self._hyper_arrays(first.groups, first.staleness)
-        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active, hyper)
+        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active, hyper,
+                                  stats=self.observer.wants_stats(self))
         seconds = time.perf_counter() - start
         self.version += 1
         stepped = np.flatnonzero(active)

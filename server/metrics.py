@@ -149,6 +149,14 @@ class MetricsRecorder:
     def members_changed(self, job) -> None:
         self.m.workers.labels(job.name).set(len(job.members))
 
+    def wants_stats(self, job) -> bool:
+        """Whether the step about to be taken (version job.version + 1) needs the backend's
+        float64 step sums: only when it refreshes the per-tensor gauges (see stepped)."""
+        return self._refreshes(job.version + 1)
+
+    def _refreshes(self, version: int) -> bool:
+        return version % self.every == 0
+
     def stepped(self, job, report) -> None:
         """`report` is the job's StepReport for the step just taken."""
         name = job.name
@@ -167,7 +175,7 @@ class MetricsRecorder:
             clip = report.stats["clip"][active]
             self.m.clip_ratio.labels(name).set(float(clip.mean()))
             self.m.clipped_tensors.labels(name).set(int((clip > 1).sum()))
-        if job.version % self.every == 0:
+        if self._refreshes(job.version):   # the stats asked for in wants_stats
             self._tensor_gauges(job, report)
 
     def _tensor_gauges(self, job, report) -> None:

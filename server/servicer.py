@@ -11,7 +11,7 @@ from typing import Iterator
 import grpc
 
 from optserve.proto.errors import InvalidArgument, OptserveError, status_of
-from optserve.proto.spec import chunks
+from optserve.proto.spec import frame, framed
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server.job import Result
@@ -84,22 +84,19 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         header, body = split_stream(request_iterator, "Step")
         result, reply = self.store.step(header, body)
         yield pb.StepResponse(header=_tensor_header(result))
-        for chunk in reply:
-            yield pb.StepResponse(chunk=chunk)
+        yield from frame(pb.StepResponse, reply)
 
     @translate_errors_stream
     def PullParameters(self, request, context):
         result = self.store.job(request.job).pull()
         yield pb.TensorStream(header=_tensor_header(result))
-        for chunk in chunks(result.payload):
-            yield pb.TensorStream(chunk=chunk)
+        yield from framed(pb.TensorStream, result.payload)
 
     @translate_errors_stream
     def GetOptimizerState(self, request, context):
         header, payload = self.store.job(request.job).state_header_and_payload()
         yield pb.StateStream(header=header)
-        for c in chunks(payload):
-            yield pb.StateStream(chunk=c)
+        yield from framed(pb.StateStream, payload)
 
     @translate_errors
     def SetOptimizerState(self, request_iterator, context):

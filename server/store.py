@@ -16,7 +16,7 @@ from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound
                                    ResourceExhausted)
 from optserve.proto.spec import Assembler, dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.spec import chunks as cut_chunks
+from optserve.proto.spec import pieces
 from optserve.server.job import Job, Result
 
 log = logging.getLogger("optserve.server")
@@ -53,8 +53,9 @@ class ShardStore:
         except KeyError:
             raise NotFound(f"unknown job {name!r}") from None
 
-    def step(self, header: pb.StepHeader, body: Iterable[pb.Chunk]) -> tuple[Result, Iterator[pb.Chunk]]:
-        """Runs a Step; returns its result and the reply's chunks (timed as the send phase)."""
+    def step(self, header: pb.StepHeader, body: Iterable[pb.Chunk]) -> tuple[Result, Iterator[tuple[int, bytes]]]:
+        """Runs a Step; returns its result and the reply's (offset, bytes) pieces, whose
+        sending is timed as the send phase."""
         job = self.job(header.job)
         result = job.step(header, body)
         return result, _timed_send(job, result.payload)
@@ -211,7 +212,7 @@ def _log_registered(job: Job) -> None:
              job.layout.state_bytes() / 1e6, job.backend.name)
 
 
-def _timed_send(job: Job, payload: bytes) -> Iterator[pb.Chunk]:
+def _timed_send(job: Job, payload: bytes) -> Iterator[tuple[int, bytes]]:
     start = time.perf_counter()
-    yield from cut_chunks(payload)
+    yield from pieces(payload)
     job.observer.sent(job, len(payload), time.perf_counter() - start)
