@@ -1,8 +1,14 @@
 """Optimizer math over a job's flat buffers.
 
 `get_backend(device)` is the one place that chooses an implementation; every backend has
-`step(optimizer, layout, state, grad, active, hyper) -> stats`. `reference` is the NumPy
-ground truth the fast paths are tested against.
+`step(optimizer, layout, state, grad, active, hyper, *, stats=True) -> dict`. `reference` is
+the NumPy ground truth the fast paths are tested against.
+
+The dict always holds "projected" and "clip" (per tensor, cheap). The float64 sums the
+per-tensor metrics need, "w2", "wdw", "dw2" and "g2", are computed only with stats=True;
+with stats=False every backend leaves those four keys out (absent, not zeros, so a
+consumer that reads them without asking fails loudly instead of reporting zeros), skips
+their arithmetic, and leaves θ and the state bit-for-bit as stats=True would.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ Adam family (and AdamP when it does not project) comes out bit-identical to the
 reference; sums are accumulated in float64 here (float32 in the reference), so
 Adafactor and projected AdamP agree to float32 rounding. The per-tensor statistics that
 step() returns besides (‖w‖², ⟨w, Δw⟩, ‖Δw‖², ‖g‖²) are summed inside the loop that
-writes θ, so they cost no extra pass.
+writes θ, so they cost no extra pass, and with step(..., stats=False) they cost nothing:
+the kernels that write θ take their per-tile `stats` array or None, and numba compiles
+a version for each, the None one with every `if stats is not None` branch pruned.
 
 How the work is cut up. Every tensor is viewed as a batch of matrices (B, R, C):
   flat      (1, 1, numel)                                   AdamW / Adam
@@ -366,8 +368,8 @@ def _denom(v, sbc2, eps):
 
 
 @_inline
-def _adam_span(p, g, m, v, sign, l2_on, l2, decay, c1, b2, c2, sbc2, eps, step):
-    """The Adam(W) update of one span; returns its step statistics."""
+def _adam_span(p, g, m, v, sign, l2_on, l2, decay, c1, b2, c2, sbc2, eps, step, stats, k):
+    """The Adam(W) update of one span; adds its step statistics to stats[k] (if not None)."""
     w2 = wdw = dw2 = g2 = 0.0
     for j in range(p.shape[0]):
         pj = p[j]
@@ -378,8 +380,10 @@ def _adam_span(p, g, m, v, sign, l2_on, l2, decay, c1, b2, c2, sbc2, eps, step):
         m[j], v[j] = mj, vj
         new = pj * decay - step * (mj / _denom(vj, sbc2, eps))
         p[j] = new
-        w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
-    return w2, wdw, dw2, g2
+        if stats is not None:
+            w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
+    if stats is not None:
+        _add_step_sums(stats[k], (w2, wdw, dw2, g2))
 
 
 @_kernel
@@ -388,20 +392,22 @@ def _adam_kernel(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, p_of
     """AdamW and Adam, one fused pass:
         g ← ±g (+ λθ for coupled L2);  θ ← θ·decay;  m, v ← moments(g);
         θ ← θ − (lr/bc1)·m/(√v/√bc2 + ε)
-    (decay = 1 unless decoupled decay is on; θ·1 is exact). stats[k] = the tile's step sums."""
+    (decay = 1 unless decoupled decay is on; θ·1 is exact). stats[k] = the tile's step sums
+    (stats None: none computed)."""
     for k in prange(tiles.shape[0]):
         tile = tiles[k]
         t = tile[TENSOR]
         cf = coef[t]
         count, n = _spans(tile, cols[t])
-        stats[k, :] = 0.0
+        if stats is not None:
+            stats[k, :] = 0.0
         for x in range(count):
             s, _ = _span(tile, rows[t], cols[t], x)
             po, mo, vo = p_off[t] + s, m_off[t] + s, v_off[t] + s
-            _add_step_sums(stats[k], _adam_span(
+            _adam_span(
                 param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n], exp_avg_sq[vo:vo + n],
                 cf[A_SIGN], cf[A_L2_ON] != 0, cf[A_L2], cf[A_DECAY], cf[A_C1], cf[A_B2],
-                cf[A_C2], cf[A_SBC2], cf[A_EPS], cf[A_STEP]))
+                cf[A_C2], cf[A_SBC2], cf[A_EPS], cf[A_STEP], stats, k)
 
 
 @_kernel
@@ -432,9 +438,9 @@ def _adamp_direction(g, m, v, sbc2, eps, nesterov, b1, c1):
 def _adamp_moments(tiles, rows, cols, coef, mode, row_base, pnorm, param, grad, exp_avg,
                    exp_avg_sq, p_off, m_off, v_off, radial, stats):
     """Moments for every AdamP tensor. Unprojected tensors finish here
-    (θ ← θ·decay − (lr/bc1)·u, and their tiles' step sums go to stats[k]); projected ones
-    only put Σ θ̂·u per row into `radial`, with θ̂ = θ/pnorm[row] (pnorm = ‖θ‖ + ε of the
-    channel row or of the whole tensor)."""
+    (θ ← θ·decay − (lr/bc1)·u, and their tiles' step sums go to stats[k] unless stats is
+    None); projected ones only put Σ θ̂·u per row into `radial`, with θ̂ = θ/pnorm[row]
+    (pnorm = ‖θ‖ + ε of the channel row or of the whole tensor)."""
     for k in prange(tiles.shape[0]):
         tile = tiles[k]
         t = tile[TENSOR]
@@ -442,7 +448,8 @@ def _adamp_moments(tiles, rows, cols, coef, mode, row_base, pnorm, param, grad, 
         c1, b2, c2, b1 = cf[A_C1], cf[A_B2], cf[A_C2], cf[A_B1]
         sbc2, eps, nesterov = cf[A_SBC2], cf[A_EPS], cf[A_NESTEROV] != 0
         decay, step = cf[A_DECAY], cf[A_STEP]
-        stats[k, :] = 0.0
+        if stats is not None:
+            stats[k, :] = 0.0
         if mode[t] == NOT_PROJECTED:
             count, n = _spans(tile, cols[t])
             for x in range(count):
@@ -457,8 +464,10 @@ def _adamp_moments(tiles, rows, cols, coef, mode, row_base, pnorm, param, grad, 
                     pj = p[j]
                     new = pj * decay - step * u
                     p[j] = new
-                    w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
-                _add_step_sums(stats[k], (w2, wdw, dw2, g2))
+                    if stats is not None:
+                        w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
+                if stats is not None:
+                    _add_step_sums(stats[k], (w2, wdw, dw2, g2))
             continue
         n = tile[NC]
         terms = np.empty(n, np.float32)  # θ̂·u of one run, to be summed
@@ -480,7 +489,7 @@ def _adamp_moments(tiles, rows, cols, coef, mode, row_base, pnorm, param, grad, 
 def _adamp_projected_step(tiles, rows, cols, coef, row_base, pnorm, radial, param, grad,
                           exp_avg, exp_avg_sq, p_off, m_off, v_off, stats):
     """Projected AdamP tensors: u ← u − θ̂·radial[row];  θ ← θ·decay − (lr/bc1)·u.
-    stats[k] = the tile's step sums."""
+    stats[k] = the tile's step sums (stats None: none computed)."""
     for k in prange(tiles.shape[0]):
         tile = tiles[k]
         t = tile[TENSOR]
@@ -488,7 +497,8 @@ def _adamp_projected_step(tiles, rows, cols, coef, row_base, pnorm, radial, para
         decay, step, c1, b1 = cf[A_DECAY], cf[A_STEP], cf[A_C1], cf[A_B1]
         sbc2, eps, nesterov = cf[A_SBC2], cf[A_EPS], cf[A_NESTEROV] != 0
         n = tile[NC]
-        stats[k, :] = 0.0
+        if stats is not None:
+            stats[k, :] = 0.0
         for bi in range(tile[NB]):
             for i in range(tile[NR]):
                 row, s, _ = _run(tile, rows[t], cols[t], bi, i)
@@ -503,8 +513,10 @@ def _adamp_projected_step(tiles, rows, cols, coef, row_base, pnorm, radial, para
                     u = u - (pj / norm) * rad
                     new = pj * decay - step * u
                     p[j] = new
-                    w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
-                _add_step_sums(stats[k], (w2, wdw, dw2, g2))
+                    if stats is not None:
+                        w2, wdw, dw2, g2 = _step_terms(w2, wdw, dw2, g2, pj, new, g[j])
+                if stats is not None:
+                    _add_step_sums(stats[k], (w2, wdw, dw2, g2))
 
 
 @_inline
@@ -615,7 +627,8 @@ def _adafactor_apply(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, 
     """Last Adafactor pass: u = U/clip·α (U recomputed as in the earlier passes);
     with β1: m ← β1·m + (1−β1)·u, u = m;   θ ← θ − (λ·α)·θ;   θ ← θ − u.
     One short loop per step of that chain over the tile's scratch, so that every loop
-    vectorises whichever options the tensor has. stats[k] = the tile's step sums."""
+    vectorises whichever options the tensor has. stats[k] = the tile's step sums (stats
+    None: none computed)."""
     for k in prange(tiles.shape[0]):
         tile = tiles[k]
         t = tile[TENSOR]
@@ -628,7 +641,8 @@ def _adafactor_apply(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, 
         for j in range(u.shape[0]):
             u[j] = u[j] / clip * alpha
         count, n = _spans(tile, cols[t])
-        stats[k, :] = 0.0
+        if stats is not None:
+            stats[k, :] = 0.0
         for x in range(count):
             s, e = _span(tile, rows[t], cols[t], x)
             p, g, ux = param[p_off[t] + s:][:n], grad[p_off[t] + s:][:n], u[e:e + n]
@@ -640,8 +654,10 @@ def _adafactor_apply(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, 
             for j in range(n):   # ux[j] becomes the old θ, for the step sums
                 pj = p[j]
                 p[j] = (pj - wda * pj if decay else pj) - ux[j]
-                ux[j] = pj
-            _add_step_sums(stats[k], _step_sums(ux, p, g))
+                if stats is not None:
+                    ux[j] = pj
+            if stats is not None:
+                _add_step_sums(stats[k], _step_sums(ux, p, g))
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,13 +700,19 @@ def _decoupled_decay(h: dict, active: np.ndarray) -> np.ndarray:
 STEP_SUMS = ("w2", "wdw", "dw2", "g2")
 
 
-def _per_tensor(tiles: np.ndarray, stats: np.ndarray, n_t: int, out: dict) -> None:
+def _tile_sums(tiles: np.ndarray, with_stats: bool) -> np.ndarray | None:
+    """The array of per-tile step sums for a kernel to fill, or None: compute none."""
+    return np.empty((len(tiles), len(STEP_SUMS)), np.float64) if with_stats else None
+
+
+def _per_tensor(tiles: np.ndarray, stats: np.ndarray | None, n_t: int, out: dict) -> None:
     """Adds per-tile step sums (columns in STEP_SUMS order) into out's per-tensor arrays."""
-    for i, key in enumerate(STEP_SUMS):
-        out[key] += np.bincount(tiles[:, TENSOR], stats[:, i], n_t)
+    if stats is not None:
+        for i, key in enumerate(STEP_SUMS):
+            out[key] += np.bincount(tiles[:, TENSOR], stats[:, i], n_t)
 
 
-def _adam_family(optimizer, layout, state, grad, active, h, steps, out):
+def _adam_family(optimizer, layout, state, grad, active, h, steps, out, with_stats):
     plan = _plan(layout, "flat")
     coef = _adam_coefficients(h, steps)
     coef[:, A_SIGN] = np.where(h["maximize"] != 0, -1.0, 1.0)
@@ -701,7 +723,7 @@ def _adam_family(optimizer, layout, state, grad, active, h, steps, out):
     m, m_off = _field(layout, state, "exp_avg")
     v, v_off = _field(layout, state, "exp_avg_sq")
     tiles = plan.select(active)
-    stats = np.empty((len(tiles), len(STEP_SUMS)), np.float64)
+    stats = _tile_sums(tiles, with_stats)
     _adam_kernel(tiles, plan.rows, plan.cols, coef.astype(F32), state.param, grad,
                  m, v, layout.offsets, m_off, v_off, stats)
     _per_tensor(tiles, stats, layout.num_tensors, out)
@@ -734,7 +756,7 @@ def _adamp_modes(layout, plan, active, sums, h):
     return mode, pnorm
 
 
-def _adamp(layout, state, grad, active, h, steps, out):
+def _adamp(layout, state, grad, active, h, steps, out, with_stats):
     plan = _plan(layout, "channel")
     coef = _adam_coefficients(h, steps)
     coef[:, A_NESTEROV] = h["nesterov"]
@@ -756,7 +778,7 @@ def _adamp(layout, state, grad, active, h, steps, out):
 
     partial = np.empty(plan.row_index.size, np.float64)
     tiles = plan.select(active)
-    stats = np.empty((len(tiles), len(STEP_SUMS)), np.float64)  # zeros for projected tiles
+    stats = _tile_sums(tiles, with_stats)  # zeros for projected tiles
     _adamp_moments(tiles, plan.rows, plan.cols, coef, mode, row_base, pnorm,
                    state.param, grad, m, v, p_off, m_off, v_off, partial, stats)
     _per_tensor(tiles, stats, layout.num_tensors, out)
@@ -766,14 +788,14 @@ def _adamp(layout, state, grad, active, h, steps, out):
         layer_total = np.repeat(np.add.reduceat(radial, row_base), plan.rows)
         radial = np.where(np.repeat(mode, plan.rows) == LAYER, layer_total, radial).astype(F32)
         tiles = plan.select(projected)
-        stats = np.empty((len(tiles), len(STEP_SUMS)), np.float64)
+        stats = _tile_sums(tiles, with_stats)
         _adamp_projected_step(tiles, plan.rows, plan.cols, coef, row_base, pnorm, radial,
                               state.param, grad, m, v, p_off, m_off, v_off, stats)
         _per_tensor(tiles, stats, layout.num_tensors, out)
     out["projected"] = projected
 
 
-def _adafactor(layout, state, grad, active, h, steps, out):
+def _adafactor(layout, state, grad, active, h, steps, out, with_stats):
     plan = _plan(layout, "factored")
     n_t = layout.num_tensors
     tiles = plan.select(active)
@@ -829,7 +851,7 @@ def _adafactor(layout, state, grad, active, h, steps, out):
     coef[:, F_B1_ON] = ~np.isnan(beta1)
     coef[:, F_B1], coef[:, F_C1] = np.nan_to_num(beta1), 1.0 - np.nan_to_num(beta1)
     coef[:, F_WD_ON], coef[:, F_WDA] = h["weight_decay"] != 0, h["weight_decay"] * alpha
-    stats = np.empty((len(tiles), len(STEP_SUMS)), np.float64)
+    stats = _tile_sums(tiles, with_stats)
     _adafactor_apply(tiles, plan.rows, plan.cols, coef.astype(F32), state.param, grad, m, v,
                      p_off, m_off, v_off, row_off, col_off, row_factor, col_factor, stats)
     _per_tensor(tiles, stats, n_t, out)
@@ -837,19 +859,21 @@ def _adafactor(layout, state, grad, active, h, steps, out):
 
 
 def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: np.ndarray,
-         active: np.ndarray, hyper: dict) -> dict:
+         active: np.ndarray, hyper: dict, *, stats: bool = True) -> dict:
     """One step of every active tensor, in place; the contract of reference.step.
 
     Returns per-tensor statistics: "projected" (bool, AdamP), "clip" (float64, Adafactor's
-    clip divisor) and, in float64, "w2" = ‖w_t‖², "wdw" = ⟨w_t, Δw⟩, "dw2" = ‖Δw‖²,
-    "g2" = ‖g‖² with Δw = w_{t+1} − w_t (zeros for inactive tensors).
+    clip divisor) and, only when `stats` is true, in float64, "w2" = ‖w_t‖², "wdw" =
+    ⟨w_t, Δw⟩, "dw2" = ‖Δw‖², "g2" = ‖g‖² with Δw = w_{t+1} − w_t (zeros for inactive
+    tensors); with stats=False those keys are absent.
     """
     if optimizer not in ("adamw", "adam", "adamp", "adafactor"):
         raise ValueError(f"unknown optimizer {optimizer!r}")
     n_t = layout.num_tensors
     active = np.asarray(active, bool)
     out = {"projected": np.zeros(n_t, bool), "clip": np.ones(n_t, np.float64)}
-    out.update({key: np.zeros(n_t, np.float64) for key in STEP_SUMS})
+    if stats:
+        out.update({key: np.zeros(n_t, np.float64) for key in STEP_SUMS})
     if not active.any():
         return out
     h = {k: np.asarray(v, np.float64) for k, v in hyper.items()}
@@ -858,9 +882,9 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: np.ndarray,
     steps = np.maximum(state.steps, 1).astype(np.float64)
     with _lock, np.errstate(all="ignore"):
         if optimizer in ("adamw", "adam"):
-            _adam_family(optimizer, layout, state, grad, active, h, steps, out)
+            _adam_family(optimizer, layout, state, grad, active, h, steps, out, stats)
         elif optimizer == "adamp":
-            _adamp(layout, state, grad, active, h, steps, out)
+            _adamp(layout, state, grad, active, h, steps, out, stats)
         else:
-            _adafactor(layout, state, grad, active, h, steps, out)
+            _adafactor(layout, state, grad, active, h, steps, out, stats)
     return out

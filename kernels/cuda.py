@@ -27,9 +27,12 @@ Reductions never use atomics, so results do not depend on scheduling: every tile
 its float64 partial sums into its own slots (per tile, per (row, column strip), per
 (column, row band)), and a second, segmented kernel combines them (a tensor's tiles, and
 a row's strips, are consecutive). The step statistics (Σw², Σw·Δw, Σ‖Δw‖², Σg²) are
-summed in the same pass that writes θ. Launches per step (constant in the tensor count):
-AdamW/Adam 2, AdamP 4, Adafactor 7; and one device-to-host copy of a T x RES_COLS float64
-array at the end (which is what synchronises).
+summed in the same pass that writes θ; with step(..., stats=False) the kernels that write
+θ are told so (`with_stats`, uniform over the grid) and neither sum nor reduce them, and
+their segment_sums launch is left out. Launches per step (constant in the tensor count):
+AdamW/Adam 2, AdamP 4, Adafactor 7 (one fewer each without the statistics); and one
+device-to-host copy of a T x RES_COLS float64 array at the end (which is what
+synchronises).
 
 Gradients: float32 (the contract), or 16-bit gradients without a conversion pass:
 float16 arrays, and bfloat16 given as uint16 bit patterns (or an ml_dtypes bfloat16 array);
@@ -91,6 +94,9 @@ C_COLS = 28
 # Per-tensor float64 results, written on the device, copied back once per step.
 (R_W2, R_WDW, R_DW2, R_G2, R_CLIP, R_PROJECTED, R_DECAY, R_ALPHA, R_WDA) = range(9)
 R_COLS = 9
+
+# The step statistics' keys in step()'s result, in the order of their R_ columns.
+STEP_SUMS = ("w2", "wdw", "dw2", "g2")
 
 # Gradient encodings.
 GK_F32, GK_BF16, GK_F16 = 0, 1, 2
@@ -258,13 +264,13 @@ segment_sums(const i64* __restrict__ tinfo, const double* __restrict__ part, i64
 //   m <- m + (1-b1)(g - m);  v <- b2*v + (1-b2)*g^2
 //   theta <- theta - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
 // decay is 1 unless decoupled decay is on (theta*1 is exact). tile_stats[k] = the tile's
-// step sums (w2, wdw, dw2, g2).
+// step sums (w2, wdw, dw2, g2), if with_stats (else nothing is summed nor written).
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(BLOCK)
 adam_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
            const double* __restrict__ coef, float* __restrict__ param,
            const void* __restrict__ grad, i64 gkind, float* __restrict__ exp_avg,
-           float* __restrict__ exp_avg_sq, double* __restrict__ tile_stats) {
+           float* __restrict__ exp_avg_sq, double* __restrict__ tile_stats, i64 with_stats) {
     const Tile T = load_tile(tiles, tinfo, blockIdx.x);
     const double* cf = coef + T.t * C_COLS;
     double s[4] = {0.0, 0.0, 0.0, 0.0};
@@ -303,12 +309,14 @@ adam_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
                 exp_avg[mo + pos] = m[q];
                 exp_avg_sq[vo + pos] = v[q];
                 param[T.p + pos] = nw;
-                step_terms(s, p[q], nw, g[q]);
+                if (with_stats) step_terms(s, p[q], nw, g[q]);
             }
         }
     }
-    block_sum4(s);
-    if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    if (with_stats) {                                   // uniform over the grid
+        block_sum4(s);
+        if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -454,13 +462,14 @@ adamp_decide(const i64* __restrict__ tinfo, const double* __restrict__ coef,
 //   m, v <- moments(g);  u = m/denom (or the Nesterov form)
 //   projected: u <- u - (theta/pnorm[row]) * radial[row]
 //   theta <- theta*decay - (lr/bc1)*u
+// tile_stats[k] = the tile's step sums, if with_stats.
 extern "C" __global__ void __launch_bounds__(BLOCK)
 adamp_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
             const double* __restrict__ coef, const double* __restrict__ res,
             const float* __restrict__ pnorm, const float* __restrict__ radial,
             float* __restrict__ param, const void* __restrict__ grad, i64 gkind,
             float* __restrict__ exp_avg, float* __restrict__ exp_avg_sq,
-            double* __restrict__ tile_stats) {
+            double* __restrict__ tile_stats, i64 with_stats) {
     const Tile T = load_tile(tiles, tinfo, blockIdx.x);
     const double* cf = coef + T.t * C_COLS;
     double s[4] = {0.0, 0.0, 0.0, 0.0};
@@ -505,12 +514,14 @@ adamp_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
                 exp_avg[mo + pos] = m[q];
                 exp_avg_sq[vo + pos] = v[q];
                 param[T.p + pos] = nw;
-                step_terms(s, p[q], nw, g[q]);
+                if (with_stats) step_terms(s, p[q], nw, g[q]);
             }
         }
     }
-    block_sum4(s);
-    if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    if (with_stats) {                                   // uniform over the grid
+        block_sum4(s);
+        if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -719,13 +730,14 @@ adafactor_decide(const i64* __restrict__ tinfo, const double* __restrict__ coef,
 
 // Pass 6, adafactor_apply: u = U/clip*alpha;  beta1: m <- b1*m + (1-b1)*u, u = m;
 //   theta <- theta - (wd*alpha)*theta (if wd != 0);  theta <- theta - u.
+// tile_stats[k] = the tile's step sums, if with_stats.
 extern "C" __global__ void __launch_bounds__(BLOCK)
 adafactor_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
                 const double* __restrict__ coef, const double* __restrict__ res,
                 float* __restrict__ param, const void* __restrict__ grad, i64 gkind,
                 float* __restrict__ exp_avg, const float* __restrict__ exp_avg_sq,
                 const float* __restrict__ row_factor, const float* __restrict__ col_factor,
-                double* __restrict__ tile_stats) {
+                double* __restrict__ tile_stats, i64 with_stats) {
     const Tile T = load_tile(tiles, tinfo, blockIdx.x);
     const double* cf = coef + T.t * C_COLS;
     double s[4] = {0.0, 0.0, 0.0, 0.0};
@@ -769,12 +781,14 @@ adafactor_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
                 }
                 const float nw = (wd_on ? p[q] - wda * p[q] : p[q]) - u;
                 param[T.p + pos] = nw;
-                step_terms(s, p[q], nw, g[q]);
+                if (with_stats) step_terms(s, p[q], nw, g[q]);
             }
         }
     }
-    block_sum4(s);
-    if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    if (with_stats) {                                   // uniform over the grid
+        block_sum4(s);
+        if (threadIdx.x < 4) tile_stats[T.k * 4 + threadIdx.x] = pick4(s, threadIdx.x);
+    }
 }
 """
 
@@ -1089,21 +1103,23 @@ def _none(rt, dev: dict):
 
 
 def step(optimizer: str, layout: FlatLayout, state: FlatState, grad, active: np.ndarray,
-         hyper: dict) -> dict:
+         hyper: dict, *, stats: bool = True) -> dict:
     """One step of every active tensor, in place; the contract of reference.step.
 
     `state` may hold NumPy arrays (uploaded and copied back) or device arrays (stepped in
     place); `grad` may be float32, float16 or bfloat16 bits (uint16), on the host or device.
     Returns per-tensor statistics as NumPy arrays: "projected" (bool, AdamP), "clip"
-    (float64, Adafactor's clip divisor) and, in float64, "w2" = |w_t|^2, "wdw" = <w_t, dw>,
-    "dw2" = |dw|^2, "g2" = |g|^2 with dw = w_{t+1} - w_t (zeros for inactive tensors).
+    (float64, Adafactor's clip divisor) and, only when `stats` is true, in float64,
+    "w2" = |w_t|^2, "wdw" = <w_t, dw>, "dw2" = |dw|^2, "g2" = |g|^2 with dw = w_{t+1} - w_t
+    (zeros for inactive tensors); with stats=False those keys are absent.
     """
     if optimizer not in ("adamw", "adam", "adamp", "adafactor"):
         raise ValueError(f"unknown optimizer {optimizer!r}")
     n_t = layout.num_tensors
     active = np.asarray(active, bool)
     out = {"projected": np.zeros(n_t, bool), "clip": np.ones(n_t, np.float64)}
-    out.update({key: np.zeros(n_t, np.float64) for key in ("w2", "wdw", "dw2", "g2")})
+    if stats:
+        out.update({key: np.zeros(n_t, np.float64) for key in STEP_SUMS})
     if not active.any():
         return out
     gkind = _grad_kind(grad)
@@ -1125,8 +1141,8 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad, active: np.
         tiles, tinfo, res, tstats = dev["tiles"], dev["tinfo"], dev["res"], dev["tile_stats"]
         if optimizer in ("adamw", "adam"):
             rt.launch("adam_apply", n_tiles, (tiles, tinfo, dcoef, param, g, gkind,
-                                              fields["exp_avg"], fields["exp_avg_sq"], tstats))
-            rt.launch("segment_sums", n_t, (tinfo, tstats, 4, res, R_W2))
+                                              fields["exp_avg"], fields["exp_avg_sq"], tstats,
+                                              int(stats)))
             written = ("exp_avg", "exp_avg_sq")
         elif optimizer == "adamp":
             m, v = fields["exp_avg"], fields["exp_avg_sq"]
@@ -1137,8 +1153,7 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad, active: np.
             rt.launch("adamp_sums", n_tiles, (tiles, tinfo, dcoef, param, g, gkind, m, v, row_part))
             rt.launch("adamp_decide", n_t, (tinfo, dcoef, row_part, row_scr, pnorm, radial, res))
             rt.launch("adamp_apply", n_tiles, (tiles, tinfo, dcoef, res, pnorm, radial, param, g,
-                                               gkind, m, v, tstats))
-            rt.launch("segment_sums", n_t, (tinfo, tstats, 4, res, R_W2))
+                                               gkind, m, v, tstats, int(stats)))
             written = ("exp_avg", "exp_avg_sq")
         else:
             aux = dev["aux"]
@@ -1162,14 +1177,16 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad, active: np.
                                                        col_factor, aux))
             rt.launch("adafactor_decide", n_t, (tinfo, dcoef, aux, res))
             rt.launch("adafactor_apply", n_tiles, (tiles, tinfo, dcoef, res, param, g, gkind, m, v,
-                                                   row_factor, col_factor, tstats))
-            rt.launch("segment_sums", n_t, (tinfo, tstats, 4, res, R_W2))
+                                                   row_factor, col_factor, tstats, int(stats)))
             written = tuple(k for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
                             if k in fields)
+        if stats:
+            rt.launch("segment_sums", n_t, (tinfo, tstats, 4, res, R_W2))
         result = rt.download(res)[:n_t * R_COLS].reshape(n_t, R_COLS)
         write_back(written)
-    for key, col in (("w2", R_W2), ("wdw", R_WDW), ("dw2", R_DW2), ("g2", R_G2)):
-        out[key] = np.where(active, result[:, col], 0.0)
+    if stats:
+        for key, col in zip(STEP_SUMS, (R_W2, R_WDW, R_DW2, R_G2)):
+            out[key] = np.where(active, result[:, col], 0.0)
     if optimizer == "adamp":
         out["projected"] = active & (result[:, R_PROJECTED] != 0)
     elif optimizer == "adafactor":

@@ -237,29 +237,32 @@ def _tensor_step(optimizer: str, p, g, st, step: int, h: dict[str, float]) -> tu
     return False, 1.0
 
 
-def step(optimizer, layout, state, grad, active, hyper):
+def step(optimizer, layout, state, grad, active, hyper, *, stats=True):
     """The reference over a job's flat buffers: one tensor at a time, the same signature as
     every backend's `step`. Steps in `state.steps` are already incremented for active tensors.
 
     Returns per-tensor statistics: "projected" (bool, AdamP), "clip" (Adafactor's divisor),
-    and, in float64, the sums the metrics need: "w2" = ||w_t||², "wdw" = <w_t, Δw>,
-    "dw2" = ||Δw||², "g2" = ||g||², with Δw = w_{t+1} − w_t.
+    and, only when `stats` is true, in float64, the sums the metrics need: "w2" = ||w_t||²,
+    "wdw" = <w_t, Δw>, "dw2" = ||Δw||², "g2" = ||g||², with Δw = w_{t+1} − w_t. With
+    stats=False those four keys are absent; θ and the state come out the same either way.
     """
     n = layout.num_tensors
-    stats = {"projected": np.zeros(n, bool), "clip": np.ones(n, np.float64)}
-    stats.update({key: np.zeros(n, np.float64) for key in ("w2", "wdw", "dw2", "g2")})
+    out = {"projected": np.zeros(n, bool), "clip": np.ones(n, np.float64)}
+    if stats:
+        out.update({key: np.zeros(n, np.float64) for key in ("w2", "wdw", "dw2", "g2")})
     for i in np.flatnonzero(active):
         p = layout.param_view(state.param, i)
         g = layout.param_view(grad, i)
         st = {name: layout.field_view(state, name, i) for name in layout.field_shapes[i]}
         h = {k: float(v[i]) for k, v in hyper.items()}
-        before = p.astype(np.float64)
-        stats["projected"][i], stats["clip"][i] = _tensor_step(
+        before = p.astype(np.float64) if stats else None
+        out["projected"][i], out["clip"][i] = _tensor_step(
             optimizer, p, g, st, int(state.steps[i]), h)
-        delta = p.astype(np.float64) - before
-        g64 = g.astype(np.float64)
-        stats["w2"][i] = np.vdot(before, before)
-        stats["wdw"][i] = np.vdot(before, delta)
-        stats["dw2"][i] = np.vdot(delta, delta)
-        stats["g2"][i] = np.vdot(g64, g64)
-    return stats
+        if stats:
+            delta = p.astype(np.float64) - before
+            g64 = g.astype(np.float64)
+            out["w2"][i] = np.vdot(before, before)
+            out["wdw"][i] = np.vdot(before, delta)
+            out["dw2"][i] = np.vdot(delta, delta)
+            out["g2"][i] = np.vdot(g64, g64)
+    return out

@@ -471,10 +471,12 @@ def _compare(layout, got_state, want_state, got, want, what):
 
 def _run_parity(case_name: str, *, device_state: bool = False, grad_dtype: str = "float32",
                 steps: int = tk.STEPS):
-    """tests/test_kernels.py's case loop with cuda.step in place of cpu.step."""
+    """tests/test_kernels.py's case loop with cuda.step in place of cpu.step; a third copy
+    steps with stats=False and must match the stats=True copy bit for bit."""
     case, rng, hyper, layout, ref = _setup(case_name)
     shapes = layout.shapes
     fast = cuda.to_device(ref) if device_state else ref.copy()
+    lean = cuda.to_device(ref) if device_state else ref.copy()
     frozen = {i: {k: tk._bits(v) for k, v in tk._segments(layout, ref, i).items()} for i in tk.INACTIVE}
     for t in range(steps):
         active = np.array([i not in tk.INACTIVE and (i != tk.TOGGLED or t % 2 == 0)
@@ -487,12 +489,15 @@ def _run_parity(case_name: str, *, device_state: bool = False, grad_dtype: str =
         elif grad_dtype == "float16":
             wire = grad.astype(np.float16)
             grad = wire.astype(np.float32)
-        for st in (ref, fast):
+        for st in (ref, fast, lean):
             st.steps[active] += 1
         want = reference.step(case.optimizer, layout, ref, grad.copy(), active, hyper)
         got = cuda.step(case.optimizer, layout, fast, wire.copy(), active, hyper)
+        lean_got = cuda.step(case.optimizer, layout, lean, wire.copy(), active, hyper, stats=False)
         host = cuda.to_host(fast) if device_state else fast
         _compare(layout, host, ref, got, want, f"{case_name} step {t}")
+        tk.assert_stats_off_identical(layout, cuda.to_host(lean) if device_state else lean, host,
+                                      lean_got, got, f"{case_name} step {t}, stats=False")
         if case.expect_projected is not None:
             multi = np.array([len(s) > 1 for s in shapes]) & active
             multi[list(tk.ZERO_GRAD)] = False
@@ -542,7 +547,7 @@ def test_half_to_float_is_exact(emu):
 
 @pytest.mark.parametrize("optimizer", sorted(REGISTRY))
 def test_launches_do_not_grow_with_the_number_of_tensors(optimizer, emu):
-    def launches(n_tensors: int) -> list[str]:
+    def launches(n_tensors: int, stats: bool = True) -> list[str]:
         shapes = [(6, 5), (7,), (2, 3, 4)] * n_tensors
         case_name = next(k for k, c in tk.CASES.items() if c.optimizer == optimizer
                          and (optimizer != "adamp" or c.expect_projected))
@@ -550,12 +555,14 @@ def test_launches_do_not_grow_with_the_number_of_tensors(optimizer, emu):
         state.steps[:] = 1
         grad = tk._grad(case.grad, layout, state.param, rng)
         emu.launches.clear()
-        cuda.step(optimizer, layout, state, grad, np.ones(len(shapes), bool), hyper)
+        cuda.step(optimizer, layout, state, grad, np.ones(len(shapes), bool), hyper, stats=stats)
         return list(emu.launches)
 
     few = launches(1)
     assert few and launches(40) == few
     assert len(few) == {"adamw": 2, "adam": 2, "adamp": 4, "adafactor": 7}[optimizer]
+    # Without the step statistics, the same launches less their segment_sums.
+    assert launches(1, stats=False) == [k for k in few if k != "segment_sums"]
 
 
 def test_no_active_tensors_is_a_no_op(emu):
@@ -567,6 +574,9 @@ def test_no_active_tensors_is_a_no_op(emu):
     out = cuda.step("adamw", layout, state, np.ones(12, np.float32), np.zeros(1, bool), hyper)
     assert not out["projected"].any() and (out["clip"] == 1.0).all()
     assert all((out[key] == 0.0).all() for key in ("w2", "wdw", "dw2", "g2"))
+    out = cuda.step("adamw", layout, state, np.ones(12, np.float32), np.zeros(1, bool), hyper,
+                    stats=False)
+    assert set(out) == {"projected", "clip"}
     assert (state.param == 1.0).all() and not emu.launches
 
 

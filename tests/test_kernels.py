@@ -4,7 +4,9 @@ Each case runs a few steps of both backends on copies of one job: tensors of man
 (size 1, odd sizes, sizes that are not multiples of the tile, 0-D to 4-D), two parameter
 groups with different hyperparameters, some tensors with zero gradients and some inactive;
 it compares θ, every state field and the returned statistics after every step, and checks
-that inactive tensors stay bit-for-bit untouched.
+that inactive tensors stay bit-for-bit untouched. A third copy steps with stats=False and
+must come out bit-for-bit equal to the stats=True copy, with only "projected" and "clip"
+returned.
 Every case also runs with tiny tiles, so that rows, columns and batches get split the way
 they only are for big tensors with the default tile, and with one tile per tensor.
 """
@@ -141,6 +143,24 @@ def _bits(x: np.ndarray) -> np.ndarray:
     return x.view(np.uint32).copy()
 
 
+STEP_SUMS = ("w2", "wdw", "dw2", "g2")
+
+
+def assert_stats_off_identical(layout: FlatLayout, lean: FlatState, full: FlatState,
+                               lean_out: dict, full_out: dict, what: str) -> None:
+    """A step with stats=False (lean) against the same step with stats=True (full): the same
+    bits in θ and every state field, the same "projected" and "clip", and no step sums."""
+    assert set(lean_out) == {"projected", "clip"}, (what, sorted(lean_out))
+    assert set(STEP_SUMS) <= set(full_out), (what, sorted(full_out))
+    np.testing.assert_array_equal(lean_out["projected"], full_out["projected"], err_msg=what)
+    np.testing.assert_array_equal(lean_out["clip"], full_out["clip"], err_msg=what)
+    np.testing.assert_array_equal(_bits(lean.param), _bits(full.param), err_msg=f"{what}, param")
+    assert lean.fields.keys() == full.fields.keys()
+    for name in full.fields:
+        np.testing.assert_array_equal(_bits(lean.fields[name]), _bits(full.fields[name]),
+                                      err_msg=f"{what}, {name}")
+
+
 @pytest.fixture(params=["default-tile", "tiny-tile", "one-tile"])
 def tiling(request, monkeypatch):
     """default: the big tensors span several tiles; tiny: every tensor does, with rows,
@@ -164,16 +184,19 @@ def test_cpu_matches_reference(case_name, tiling):
     ref = FlatState.zeros(layout)
     ref.param[:] = rng.standard_normal(layout.numel).astype(np.float32)
     fast = ref.copy()
+    lean = ref.copy()   # stepped with stats=False
     frozen = {i: {k: _bits(v) for k, v in _segments(layout, ref, i).items()} for i in INACTIVE}
 
     for t in range(STEPS):
         active = np.array([i not in INACTIVE and (i != TOGGLED or t % 2 == 0)
                            for i in range(len(SHAPES))])
         grad = _grad(case.grad, layout, ref.param, rng)
-        for st in (ref, fast):
+        for st in (ref, fast, lean):
             st.steps[active] += 1
         want = reference.step(case.optimizer, layout, ref, grad.copy(), active, hyper)
         got = cpu.step(case.optimizer, layout, fast, grad.copy(), active, hyper)
+        lean_got = cpu.step(case.optimizer, layout, lean, grad.copy(), active, hyper, stats=False)
+        assert_stats_off_identical(layout, lean, fast, lean_got, got, f"step {t}, stats=False")
 
         np.testing.assert_array_equal(got["projected"], want["projected"], err_msg=f"step {t}")
         np.testing.assert_allclose(got["clip"], want["clip"], rtol=RTOL, err_msg=f"step {t}")
@@ -197,6 +220,29 @@ def test_cpu_matches_reference(case_name, tiling):
         for name, bits in fields.items():
             np.testing.assert_array_equal(_bits(_segments(layout, fast, i)[name]), bits,
                                           err_msg=f"inactive tensor {i}, {name}")
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_reference_without_stats_is_bit_identical(case_name):
+    """reference.step(stats=False) steps exactly as with stats=True, and returns no sums."""
+    case = CASES[case_name]
+    rng = np.random.default_rng(zlib.crc32(case_name.encode()))
+    group_of = np.arange(len(SHAPES)) % 2
+    hyper, protos = _hyper(case, group_of)
+    info = REGISTRY[case.optimizer]
+    layout = FlatLayout(SHAPES, [info.state_fields(s, protos[g]) for s, g in zip(SHAPES, group_of)])
+    full = FlatState.zeros(layout)
+    full.param[:] = rng.standard_normal(layout.numel).astype(np.float32)
+    lean = full.copy()
+    for t in range(2):
+        active = np.array([i not in INACTIVE for i in range(len(SHAPES))])
+        grad = _grad(case.grad, layout, full.param, rng)
+        for st in (full, lean):
+            st.steps[active] += 1
+        full_out = reference.step(case.optimizer, layout, full, grad.copy(), active, hyper)
+        lean_out = reference.step(case.optimizer, layout, lean, grad.copy(), active, hyper,
+                                  stats=False)
+        assert_stats_off_identical(layout, lean, full, lean_out, full_out, f"step {t}")
 
 
 def test_adamp_projection_paths_are_exercised():
@@ -259,6 +305,9 @@ def test_no_active_tensors_is_a_no_op():
     out = cpu.step("adamw", layout, state, np.ones(12, np.float32), np.zeros(1, bool), hyper)
     assert not out["projected"].any() and (out["clip"] == 1.0).all()
     assert all((out[key] == 0.0).all() for key in ("w2", "wdw", "dw2", "g2"))
+    out = cpu.step("adamw", layout, state, np.ones(12, np.float32), np.zeros(1, bool), hyper,
+                   stats=False)
+    assert set(out) == {"projected", "clip"}
     assert (state.param == 1.0).all()
 
 

@@ -130,3 +130,41 @@ def test_service_metrics(metered):
     assert sample(samples, "optserve_shard_up") == 1
     assert sample(samples, "optserve_learning_rate", job="svc", group="0") == 0.0
     opt.close()
+
+
+def test_step_sums_are_computed_only_for_a_metrics_refresh(monkeypatch):
+    """--metrics-every 2: the backend is asked for the float64 step sums on versions 2 and 4
+    only, and the per-tensor gauges after version 3 still show version 2's step."""
+    server = ShardServer("127.0.0.1", 0, device=DEVICE, metrics_every=2).start()
+    port = server.serve_metrics(0)
+    asked = []
+    backend_step = server.backend.step
+
+    def spy(*args, stats=True):
+        asked.append(stats)
+        return backend_step(*args, stats=stats)
+
+    monkeypatch.setattr(server.backend, "step", spy)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        opt = RemoteOptimizer(model.named_parameters(), "adamw", servers=[server.address],
+                              job="every2", lr=1e-2)
+        norms = []
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            norms.append(np.linalg.norm(f64(model.weight)))
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}
+            shown = samples.get(("optserve_weight_norm", (("job", "every2"), ("tensor", "weight"))))
+            if len(norms) == 1:
+                assert shown is None            # version 1: no refresh yet
+            else:                               # the last even version's norm
+                assert shown == pytest.approx(norms[len(norms) // 2 * 2 - 1], rel=1e-9)
+        assert asked == [False, True, False, True]
+        opt.close()
+    finally:
+        server.stop(grace=0)
