@@ -49,6 +49,7 @@ class RolledBack(OptserveError):
 
 _TORCH_WIRE = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
+_NONFINITE = {"refuse": pb.NONFINITE_REFUSE, "skip": pb.NONFINITE_SKIP}
 # Failures after which the same request is sent again: the shard answers a repeated
 # (job, worker, step) from the result it already computed, so a retry is never applied twice.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -81,6 +82,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         "float32", "bfloat16" or "float16". Master weights and state stay float32.
       rpc_timeout: seconds for any one call; retries: attempts on UNAVAILABLE or
         DEADLINE_EXCEEDED, with exponential backoff.
+      nonfinite: "refuse" (a NaN/Inf gradient raises InvalidArgument, nothing applied) or
+        "skip" (the step is skipped and counted, as GradScaler does on overflow).
       token: the job's bearer token, when the shards check tokens.
       tls_ca, tls_cert, tls_key: PEM files: the CA that signed the shards' certificates
         (TLS), and this worker's certificate and key (mutual TLS).
@@ -95,7 +98,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  staleness_lr: bool = False, timeout: float | None = None,
                  on_timeout: str = "fail", grad_dtype: str = "float32",
                  param_dtype: str = "float32", rpc_timeout: float | None = 600.0,
-                 retries: int = 12, token: str | None = None, tls_ca: str | None = None,
+                 retries: int = 12, nonfinite: str = "refuse", token: str | None = None,
+                 tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, **hyperparameters):
         info = optimizers.REGISTRY.get(optimizer)
         if info is None:
@@ -108,6 +112,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for name, dtype in (("grad_dtype", grad_dtype), ("param_dtype", param_dtype)):
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be 'refuse' or 'skip', got {nonfinite!r}")
         if on_timeout not in ("fail", "proceed"):
             raise ValueError(f"on_timeout must be 'fail' or 'proceed', got {on_timeout!r}")
         if not 0 <= backup_workers < world_size:
@@ -136,6 +142,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.spec.barrier_timeout_s = timeout or 0.0
         self.spec.proceed_on_timeout = on_timeout == "proceed"
         self.spec.param_dtype = DTYPE_NAMES[param_dtype]
+        self.spec.nonfinite = _NONFINITE[nonfinite]
         self._wire_dtype = _TORCH_WIRE[self.spec.grad_dtype]
         home = place([numel(t.shape) for t in self.spec.tensors], len(servers))
         self._shard_tensors = [[i for i, s in enumerate(home) if s == k] for k in range(len(servers))]

@@ -51,6 +51,7 @@ class Contribution:
     grad: np.ndarray              # float32, full flat layout (only `local` segments valid)
     groups: list[pb.Hyperparameters]
     staleness: int = 0
+    nonfinite: bool = False       # holds NaN/Inf and the job's policy is to skip the step
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Job:
             raw.add(chunk)
         wire = raw.finish()
         self.observer.received(self, raw.total, time.perf_counter() - start)
-        pos = 0
+        pos, nonfinite = 0, False
         for k in local:
             o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
             seg = grad[o:o + n]
@@ -300,10 +301,12 @@ class Job:
                 decode(wire[pos:pos + n * itemsize], header.dtype, seg)
             pos += n * itemsize
             if not np.isfinite(seg).all():
-                self.observer.skipped(self, NONFINITE)
-                raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
-                                      f"{self.spec.tensors[self.tensors[k]].name!r}")
-        return Contribution(header.worker, header.step, local, grad, groups)
+                if self.spec.nonfinite != pb.NONFINITE_SKIP:
+                    self.observer.skipped(self, NONFINITE)
+                    raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
+                                          f"{self.spec.tensors[self.tensors[k]].name!r}")
+                nonfinite = True
+        return Contribution(header.worker, header.step, local, grad, groups, nonfinite=nonfinite)
 
     def _local_indices(self, tensors: Iterable[int]) -> np.ndarray:
         out = []
@@ -371,6 +374,8 @@ class Job:
 
     def _finish(self, rnd: Round) -> Result:
         """Runs the optimizer on the round's averaged gradient. Called with the lock held."""
+        if any(c.nonfinite for c in rnd.contributions.values()):
+            return self._skip(rnd)
         grad, active = self._average(rnd.contributions)
         first = rnd.contributions[min(rnd.contributions)]
         self.state.steps[active] += 1
@@ -383,6 +388,26 @@ class Job:
         stepped = np.flatnonzero(active)
         result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped),
                         self.param_dtype)
+        self._settle(rnd, result)
+        self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
+                                               len(rnd.contributions), first.staleness))
+        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self.checkpointer.save(self)
+        return result
+
+    def _skip(self, rnd: Round) -> Result:
+        """A step with a non-finite gradient under the skip policy: the version moves on,
+        parameters and state do not. Called with the lock held."""
+        self.observer.skipped(self, NONFINITE)
+        self.version += 1
+        result = Result(self.version, list(self.tensors),
+                        self._snapshot(np.arange(self.layout.num_tensors)), self.param_dtype,
+                        NONFINITE)
+        self._settle(rnd, result)
+        return result
+
+    def _settle(self, rnd: Round, result: Result) -> None:
+        """Hands the round's result to its workers and the retry cache."""
         rnd.result = result
         for w, c in rnd.contributions.items():
             self.results[w] = (c.step, result)
@@ -390,11 +415,6 @@ class Job:
         if self.round is rnd:
             self.round = None
         self.cond.notify_all()
-        self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
-                                               len(rnd.contributions), first.staleness))
-        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self.checkpointer.save(self)
-        return result
 
     def _average(self, contributions: dict[int, Contribution]) -> tuple[np.ndarray, np.ndarray]:
         """Mean gradient per tensor over the workers that sent it, summed in rank order."""

@@ -218,3 +218,32 @@ def test_retried_step_is_applied_once(job):
     second = send_step(stub, header, grad_bytes(opt))
     assert [m.SerializeToString() for m in first] == [m.SerializeToString() for m in second]
     assert snapshot(stub) == after_first
+
+
+def test_nonfinite_skip_policy_skips_and_counts_the_step(shard):
+    """nonfinite="skip": a NaN gradient skips the step (as GradScaler would), leaves the state
+    as it was, and the training goes on exactly as an oracle that never took that step."""
+    x, y = make_data()
+    model, ref_model = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="skip",
+                          nonfinite="skip", lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    job = shard.store.job("skip")
+    for step in range(6):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        if step == 3:
+            model.fc1.weight.grad[0, 0] = float("inf")
+            state_before = job.state.copy()
+            opt.step()
+            assert opt.dropped_steps == 1
+            assert np.array_equal(job.state.param, state_before.param)
+            assert all(np.array_equal(job.state.fields[k], v) for k, v in state_before.fields.items())
+            continue
+        opt.step()
+        ref.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert shard.metrics.skipped.labels("skip", "nonfinite")._value.get() == 1
+    opt.close()

@@ -24,6 +24,11 @@ class ConsistencyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SYNC: _ClassVar[ConsistencyMode]
     ASYNC: _ClassVar[ConsistencyMode]
+
+class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONFINITE_REFUSE: _ClassVar[NonFinitePolicy]
+    NONFINITE_SKIP: _ClassVar[NonFinitePolicy]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
@@ -33,6 +38,8 @@ WEIGHT_DECAY_SCHEDULE: WeightDecayMode
 WEIGHT_DECAY_FIXED: WeightDecayMode
 SYNC: ConsistencyMode
 ASYNC: ConsistencyMode
+NONFINITE_REFUSE: NonFinitePolicy
+NONFINITE_SKIP: NonFinitePolicy
 
 class Hyperparameters(_message.Message):
     __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "weight_decay_mode", "initial_lr", "maximize", "amsgrad", "delta", "wd_ratio", "nesterov", "eps2", "clip_threshold", "decay_rate", "adafactor_beta1", "scale_parameter", "relative_step", "warmup_init")
@@ -87,7 +94,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("job", "optimizer", "tensors", "groups", "num_workers", "mode", "grad_dtype", "num_shards", "backup_workers", "max_staleness", "staleness_lr", "barrier_timeout_s", "proceed_on_timeout", "param_dtype")
+    __slots__ = ("job", "optimizer", "tensors", "groups", "num_workers", "mode", "grad_dtype", "num_shards", "backup_workers", "max_staleness", "staleness_lr", "barrier_timeout_s", "proceed_on_timeout", "param_dtype", "nonfinite")
     JOB_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +109,7 @@ class JobSpec(_message.Message):
     BARRIER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PROCEED_ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     PARAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FIELD_NUMBER: _ClassVar[int]
     job: str
     optimizer: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -116,7 +124,8 @@ class JobSpec(_message.Message):
     barrier_timeout_s: float
     proceed_on_timeout: bool
     param_dtype: DType
-    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_lr: _Optional[bool] = ..., barrier_timeout_s: _Optional[float] = ..., proceed_on_timeout: _Optional[bool] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    nonfinite: NonFinitePolicy
+    def __init__(self, job: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_lr: _Optional[bool] = ..., barrier_timeout_s: _Optional[float] = ..., proceed_on_timeout: _Optional[bool] = ..., param_dtype: _Optional[_Union[DType, str]] = ..., nonfinite: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")
