@@ -44,7 +44,7 @@ import grpc
 import numpy as np
 
 from optserve.bench import _common
-from optserve.proto.spec import place
+from optserve.proto.spec import place, tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
 
 WIRE_DTYPES = ("float32", "bfloat16")
