@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from optserve.kernels import get_backend
 from optserve.proto.spec import tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.proto.wire import add_servicer
 from optserve.server.checkpoint import Checkpointer
 from optserve.server.interceptors import RpcCounter, TokenAuth, load_tokens
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
@@ -74,7 +74,7 @@ class ShardServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
                                                              thread_name_prefix="optserve"),
                                   options=options, interceptors=interceptors)
-        pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.store), self.server)
+        add_servicer(OptimizerServicer(self.store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -12,6 +12,8 @@ import pathlib
 
 import grpc
 
+from optserve.proto.wire import RawChunk
+
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -85,6 +87,8 @@ def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
 
 def job_of(message) -> str:
     """The job a request names: `job`, or its stream header's `job` or `spec.job`."""
+    if isinstance(message, RawChunk):  # a stream that does not start with its header
+        return ""
     if "job" in message.DESCRIPTOR.fields_by_name:
         return message.job
     if message.WhichOneof("kind") != "header":

@@ -22,9 +22,11 @@ from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState
 from optserve.proto import optimizers
 from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                                    NotFound)
-from optserve.proto.spec import (WIRE_ITEMSIZE, Assembler, decode, dtype_name, encode,
-                                 shard_tensors, spec_key)
+from optserve.proto.spec import (WIRE_ITEMSIZE, decode, dtype_name, encode, shard_tensors,
+                                 spec_key)
 from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.wire import Assembler, RawChunk
+from optserve.server.buffers import SnapshotPool
 
 log = logging.getLogger("optserve.server")
 
@@ -37,10 +39,25 @@ class Result:
     """What a step answers: parameters (in the job's param wire dtype) after it."""
     version: int
     tensors: list[int]            # spec indices, in payload order
-    payload: bytes
+    payload: np.ndarray           # uint8, from the job's SnapshotPool
     dtype: int = pb.FLOAT32
     dropped: str = ""             # "" when applied, else LATE, STALE or ROLLED_BACK
     last_step: int = 0
+
+
+@dataclass
+class Inbox:
+    """One worker's receive buffers, reused every step under that worker's lock: a sync round
+    holds at most one gradient per worker, and it is averaged before the worker's call ends."""
+    grad: np.ndarray                  # float32, the whole flat layout
+    wire: np.ndarray | None = None
+
+    def raw(self, nbytes: int, capacity: int) -> np.ndarray:
+        """Room for a payload that cannot land in `grad` as it is (another wire dtype, or
+        only some tensors), allocated once with the job's largest payload's `capacity`."""
+        if self.wire is None:
+            self.wire = np.empty(capacity, np.uint8)
+        return self.wire[:nbytes]
 
 
 @dataclass
@@ -113,6 +130,9 @@ class Job:
         self.worker_step: dict[int, int] = {}
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
+        self.inboxes: dict[int, Inbox] = {}
+        self.mean_grad: np.ndarray | None = None      # sync rounds of several workers
+        self.snapshots = SnapshotPool()
         self.observer = observer or NoObserver()
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
@@ -190,7 +210,7 @@ class Job:
         return bool(rnd.contributions) and len(rnd.contributions) >= self._quorum()
 
     # ---- Step ---------------------------------------------------------------------------
-    def step(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Result:
+    def step(self, header: pb.StepHeader, chunks: Iterable[RawChunk]) -> Result:
         worker = self._check_worker(header.worker)
         with self.worker_locks[worker]:
             cached = self._cached_result(worker, header.step)
@@ -233,8 +253,8 @@ class Job:
             log.info("job %r: worker %d is at version %d, the job at %d: rolled back",
                      self.name, worker, version, self.version)
             return Result(self.version, list(self.tensors),
-                          self._snapshot(np.arange(self.layout.num_tensors)), self.param_dtype,
-                          ROLLED_BACK, self.version if self.sync else self.worker_step.get(worker, 0))
+                          self._snapshot(np.arange(self.layout.num_tensors), self.param_dtype),
+                          self.param_dtype, ROLLED_BACK, self.version if self.sync else self.worker_step.get(worker, 0))
 
     def _check_order(self, worker: int, header: pb.StepHeader) -> None:
         with self.cond:
@@ -266,14 +286,14 @@ class Job:
         if not self.sync:
             self.worker_step[c.worker] = c.step
         all_local = np.arange(self.layout.num_tensors)
-        result = Result(self.version, list(self.tensors), self._snapshot(all_local),
-                        self.param_dtype, reason)
+        result = Result(self.version, list(self.tensors),
+                        self._snapshot(all_local, self.param_dtype), self.param_dtype, reason)
         self.results[c.worker] = (c.step, result)
         log.info("job %r: dropped %s gradient of worker %d for step %d (version %d)",
                  self.name, reason, c.worker, c.step, self.version)
         return result
 
-    def _receive(self, header: pb.StepHeader, chunks: Iterable[pb.Chunk]) -> Contribution:
+    def _receive(self, header: pb.StepHeader, chunks: Iterable[RawChunk]) -> Contribution:
         """Validates the header, receives the whole payload and decodes it. No state is touched."""
         if header.dtype != self.spec.grad_dtype:
             raise InvalidArgument(
@@ -282,12 +302,14 @@ class Job:
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
         itemsize = WIRE_ITEMSIZE[header.dtype]
-        grad = np.empty(self.layout.numel, np.float32)
+        inbox = self._inbox(header.worker)
+        grad = inbox.grad
         # All tensors as float32: the payload already is the flat layout, receive in place.
         in_place = header.dtype == pb.FLOAT32 and len(local) == self.layout.num_tensors
-        raw = Assembler(self.payload_bytes(local, itemsize),
-                        f"job {self.name!r} step {header.step} gradient",
-                        out=grad.view(np.uint8) if in_place else None)
+        nbytes = self.payload_bytes(local, itemsize)
+        raw = Assembler(nbytes, f"job {self.name!r} step {header.step} gradient",
+                        out=grad.view(np.uint8) if in_place
+                        else inbox.raw(nbytes, self.layout.numel * itemsize))
         start = time.perf_counter()
         for chunk in chunks:
             raw.add(chunk)
@@ -307,6 +329,13 @@ class Job:
                                           f"{self.spec.tensors[self.tensors[k]].name!r}")
                 nonfinite = True
         return Contribution(header.worker, header.step, local, grad, groups, nonfinite=nonfinite)
+
+    def _inbox(self, worker: int) -> Inbox:
+        """The worker's receive buffers; call with its worker lock held."""
+        inbox = self.inboxes.get(worker)
+        if inbox is None:
+            inbox = self.inboxes[worker] = Inbox(np.empty(self.layout.numel, np.float32))
+        return inbox
 
     def _local_indices(self, tensors: Iterable[int]) -> np.ndarray:
         out = []
@@ -386,8 +415,8 @@ class Job:
         seconds = time.perf_counter() - start
         self.version += 1
         stepped = np.flatnonzero(active)
-        result = Result(self.version, [self.tensors[k] for k in stepped], self._snapshot(stepped),
-                        self.param_dtype)
+        result = Result(self.version, [self.tensors[k] for k in stepped],
+                        self._snapshot(stepped, self.param_dtype), self.param_dtype)
         self._settle(rnd, result)
         self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
                                                len(rnd.contributions), first.staleness))
@@ -401,8 +430,8 @@ class Job:
         self.observer.skipped(self, NONFINITE)
         self.version += 1
         result = Result(self.version, list(self.tensors),
-                        self._snapshot(np.arange(self.layout.num_tensors)), self.param_dtype,
-                        NONFINITE)
+                        self._snapshot(np.arange(self.layout.num_tensors), self.param_dtype),
+                        self.param_dtype, NONFINITE)
         self._settle(rnd, result)
         return result
 
@@ -424,7 +453,10 @@ class Job:
             active[contributions[w].local] = True
         if len(ranks) == 1:
             return contributions[ranks[0]].grad, active
-        total = np.zeros(self.layout.numel, np.float32)
+        if self.mean_grad is None:
+            self.mean_grad = np.empty(self.layout.numel, np.float32)
+        total = self.mean_grad
+        total[:] = 0
         count = np.zeros(self.layout.num_tensors, np.int64)
         same = all(np.array_equal(contributions[w].local, contributions[ranks[0]].local) for w in ranks)
         for w in ranks:
@@ -452,18 +484,25 @@ class Job:
             per_group["lr"] /= staleness
         return {key: vals[self.seg_group] for key, vals in per_group.items()}
 
-    def _snapshot(self, local: np.ndarray) -> bytes:
+    def _snapshot(self, local: np.ndarray, dtype: int) -> np.ndarray:
+        """The parameters of the `local` tensors, back to back as `dtype` bytes."""
+        itemsize = WIRE_ITEMSIZE[dtype]
+        out = self.snapshots.take(self.payload_bytes(local, itemsize))
         if len(local) == self.layout.num_tensors:
-            values = self.state.param
-        else:
-            values = np.concatenate([self.layout.param_view(self.state.param, k).reshape(-1)
-                                     for k in local]) if len(local) else self.state.param[:0]
-        return encode(values, self.param_dtype)
+            encode(self.state.param, dtype, out)
+            return out
+        pos = 0
+        for k in local:
+            o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
+            encode(self.state.param[o:o + n], dtype, out[pos:pos + n * itemsize])
+            pos += n * itemsize
+        return out
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:
         with self.cond:
-            return Result(self.version, list(self.tensors), self.state.param.tobytes())
+            return Result(self.version, list(self.tensors),
+                          self._snapshot(np.arange(self.layout.num_tensors), pb.FLOAT32))
 
     def state_header_and_payload(self) -> tuple[pb.StateHeader, bytes]:
         with self.cond:
@@ -480,7 +519,7 @@ class Job:
             header.total_bytes = offset
             return header, b"".join(parts)
 
-    def set_state(self, header: pb.StateHeader, chunks: Iterable[pb.Chunk]) -> int:
+    def set_state(self, header: pb.StateHeader, chunks: Iterable[RawChunk]) -> int:
         """Replaces the optimizer state of every tensor the header lists, all or nothing."""
         if header.optimizer != self.spec.optimizer:
             raise FailedPrecondition(f"job {self.name!r} runs {self.spec.optimizer}, "
@@ -540,6 +579,6 @@ def _hyper_value(h: pb.Hyperparameters, key: str) -> float:
     return float(getattr(h, key))
 
 
-def _drain(chunks: Iterable[pb.Chunk]) -> None:
+def _drain(chunks: Iterable[RawChunk]) -> None:
     for _ in chunks:
         pass

@@ -11,9 +11,9 @@ from typing import Iterator
 import grpc
 
 from optserve.proto.errors import InvalidArgument, OptserveError, status_of
-from optserve.proto.spec import frame, framed
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.proto.wire import RawChunk, chunked
 from optserve.server.job import Result
 from optserve.server.store import ShardStore
 
@@ -50,16 +50,17 @@ def translate_errors_stream(method):
 
 
 def split_stream(requests: Iterator, what: str):
-    """(header, iterator over the chunks) of a `oneof {header; chunk}` request stream."""
+    """(header, iterator over the RawChunks) of a `oneof {header; chunk}` request stream,
+    as optserve.proto.wire decodes it."""
     first = next(requests, None)
-    if first is None or first.WhichOneof("kind") != "header":
+    if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
         raise InvalidArgument(f"{what}: the first message must be the header")
 
     def body():
         for msg in requests:
-            if msg.WhichOneof("kind") != "chunk":
+            if not isinstance(msg, RawChunk):
                 raise InvalidArgument(f"{what}: only chunks may follow the header")
-            yield msg.chunk
+            yield msg
     return first.header, body()
 
 
@@ -84,19 +85,19 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         header, body = split_stream(request_iterator, "Step")
         result, reply = self.store.step(header, body)
         yield pb.StepResponse(header=_tensor_header(result))
-        yield from frame(pb.StepResponse, reply)
+        yield from reply
 
     @translate_errors_stream
     def PullParameters(self, request, context):
         result = self.store.job(request.job).pull()
         yield pb.TensorStream(header=_tensor_header(result))
-        yield from framed(pb.TensorStream, result.payload)
+        yield from chunked(result.payload)
 
     @translate_errors_stream
     def GetOptimizerState(self, request, context):
         header, payload = self.store.job(request.job).state_header_and_payload()
         yield pb.StateStream(header=header)
-        yield from framed(pb.StateStream, payload)
+        yield from chunked(payload)
 
     @translate_errors
     def SetOptimizerState(self, request_iterator, context):

@@ -14,9 +14,9 @@ import numpy as np
 from optserve.proto import optimizers
 from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
                                    ResourceExhausted)
-from optserve.proto.spec import Assembler, dtype_name, numel, shard_tensors, spec_key
+from optserve.proto.spec import dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.spec import pieces
+from optserve.proto.wire import Assembler, RawChunk, chunked
 from optserve.server.job import Job, Result
 
 log = logging.getLogger("optserve.server")
@@ -53,9 +53,9 @@ class ShardStore:
         except KeyError:
             raise NotFound(f"unknown job {name!r}") from None
 
-    def step(self, header: pb.StepHeader, body: Iterable[pb.Chunk]) -> tuple[Result, Iterator[tuple[int, bytes]]]:
-        """Runs a Step; returns its result and the reply's (offset, bytes) pieces, whose
-        sending is timed as the send phase."""
+    def step(self, header: pb.StepHeader, body: Iterable[RawChunk]) -> tuple[Result, Iterator[RawChunk]]:
+        """Runs a Step; returns its result and the reply's chunks, whose sending is timed
+        as the send phase."""
         job = self.job(header.job)
         result = job.step(header, body)
         return result, _timed_send(job, result.payload)
@@ -101,7 +101,7 @@ class ShardStore:
             if job.checkpointer is not None:
                 job.checkpoint()
 
-    def register(self, header: pb.RegisterHeader, chunks: Iterable[pb.Chunk]) -> pb.RegisterJobResponse:
+    def register(self, header: pb.RegisterHeader, chunks: Iterable[RawChunk]) -> pb.RegisterJobResponse:
         """Creates the job from the first complete registration, or joins the existing one."""
         spec = header.spec
         validate_spec(spec, header.shard, header.worker)
@@ -212,7 +212,7 @@ def _log_registered(job: Job) -> None:
              job.layout.state_bytes() / 1e6, job.backend.name)
 
 
-def _timed_send(job: Job, payload: bytes) -> Iterator[tuple[int, bytes]]:
+def _timed_send(job: Job, payload: bytes) -> Iterator[RawChunk]:
     start = time.perf_counter()
-    yield from pieces(payload)
+    yield from chunked(payload)
     job.observer.sent(job, len(payload), time.perf_counter() - start)

@@ -9,7 +9,7 @@ import torch
 
 from models import make_data, make_model
 from optserve.client import FailedPrecondition, NotFound, RemoteOptimizer
-from optserve.proto.spec import chunks
+from peer import chunks
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -194,7 +194,7 @@ def test_set_state_with_wrong_shape(job):
             header.CopyFrom(m.header)
     payload = before[2]
     header.entries[0].shape[:] = [1, 2, 3]
-    msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload)]
+    msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload, limit=1 << 20)]
     refused(stub, lambda: stub.SetOptimizerState(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT,
             "has shape (1, 2, 3)")
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from models import make_data, make_model
 from optserve.client import RemoteOptimizer
-from optserve.proto.spec import chunks
+from peer import chunks
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server import ShardServer
