@@ -266,3 +266,39 @@ def step(optimizer, layout, state, grad, active, hyper, *, stats=True):
             out["dw2"][i] = np.vdot(delta, delta)
             out["g2"][i] = np.vdot(g64, g64)
     return out
+
+
+# ---- wire formats ------------------------------------------------------------------------------
+# Gradients arrive, and parameters leave, as little-endian float32, bfloat16 or float16; the
+# shard's values are float32. kernels/convert.py is the fast path of these two.
+WIRE_FORMATS = ("float32", "bfloat16", "float16")
+
+
+def decode(raw: np.ndarray, wire: str, out: np.ndarray) -> bool:
+    """Decodes the wire bytes `raw` into the float32 array `out`; True when every value is
+    finite."""
+    if wire == "float32":
+        out[:] = raw.view("<f4")
+    elif wire == "float16":
+        out[:] = raw.view("<f2")
+    elif wire == "bfloat16":
+        # bfloat16 is the top half of a float32.
+        out.view(np.uint32)[:] = raw.view("<u2").astype(np.uint32) << 16
+    else:
+        raise ValueError(f"unknown wire format {wire!r}")
+    return bool(np.isfinite(out).all())
+
+
+def encode(values: np.ndarray, wire: str, out: np.ndarray) -> None:
+    """Encodes float32 `values` into the byte array `out` in the wire format."""
+    if wire == "float32":
+        out.view("<f4")[:] = values
+    elif wire == "float16":
+        out.view("<f2")[:] = values
+    elif wire == "bfloat16":
+        # Round to nearest even on the 16 bits that are dropped (uint32 arithmetic wraps).
+        bits = values.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+        out.view("<u2")[:] = rounded >> 16
+    else:
+        raise ValueError(f"unknown wire format {wire!r}")

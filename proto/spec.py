@@ -10,13 +10,11 @@ import heapq
 import math
 from typing import Sequence
 
-import numpy as np
-
-from optserve.proto.errors import InvalidArgument
 from optserve.proto.v1 import optserve_pb2 as pb
 
 WIRE_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
+WIRE_NAMES = {dtype: name for name, dtype in DTYPE_NAMES.items()}
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -57,43 +55,6 @@ def tune_malloc() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 64 * 2**20)
     libc.mallopt(m_trim_threshold, 256 * 2**20)
-
-
-def decode(raw: np.ndarray, dtype: int, out: np.ndarray) -> None:
-    """Decodes little-endian wire bytes of `dtype` into the float32 array `out`."""
-    if dtype == pb.FLOAT32:
-        out[:] = raw.view("<f4")
-    elif dtype == pb.FLOAT16:
-        out[:] = raw.view("<f2")
-    elif dtype == pb.BFLOAT16:
-        # bfloat16 is the top half of a float32.
-        np.left_shift(raw.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
-    else:
-        raise InvalidArgument(f"unsupported wire dtype {dtype_name(dtype)}")
-
-
-# Elements per block of the bfloat16 encoder: its temporaries stay in the L2 cache.
-_ENCODE_BLOCK = 1 << 16
-
-
-def encode(values: np.ndarray, dtype: int, out: np.ndarray) -> None:
-    """Encodes float32 `values` into the byte array `out` as little-endian `dtype`."""
-    if dtype == pb.FLOAT32:
-        out.view("<f4")[:] = values
-    elif dtype == pb.FLOAT16:
-        out.view("<f2")[:] = values
-    elif dtype == pb.BFLOAT16:
-        # Round to nearest even on the 16 bits that are dropped.
-        bits, dst = values.view(np.uint32), out.view("<u2")
-        for lo in range(0, len(bits), _ENCODE_BLOCK):
-            block = bits[lo:lo + _ENCODE_BLOCK]
-            rounded = (block >> 16) & 1
-            rounded += 0x7FFF
-            rounded += block
-            rounded >>= 16
-            dst[lo:lo + _ENCODE_BLOCK] = rounded
-    else:
-        raise InvalidArgument(f"unsupported wire dtype {dtype_name(dtype)}")
 
 
 def dtype_name(dtype: int) -> str:

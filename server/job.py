@@ -18,12 +18,11 @@ from typing import Iterable
 
 import numpy as np
 
-from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState
+from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState, convert
 from optserve.proto import optimizers
 from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                                    NotFound)
-from optserve.proto.spec import (WIRE_ITEMSIZE, decode, dtype_name, encode, shard_tensors,
-                                 spec_key)
+from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES, dtype_name, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
 from optserve.server.buffers import SnapshotPool
@@ -315,20 +314,28 @@ class Job:
             raw.add(chunk)
         wire = raw.finish()
         self.observer.received(self, raw.total, time.perf_counter() - start)
-        pos, nonfinite = 0, False
+        finite = (convert.all_finite(grad) if in_place
+                  else self._decode(local, wire, header.dtype, grad))
+        if not finite and self.spec.nonfinite != pb.NONFINITE_SKIP:
+            self.observer.skipped(self, NONFINITE)
+            bad = next(k for k in local if not np.isfinite(self.layout.param_view(grad, k)).all())
+            raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
+                                  f"{self.spec.tensors[self.tensors[bad]].name!r}")
+        return Contribution(header.worker, header.step, local, grad, groups,
+                            nonfinite=not finite)
+
+    def _decode(self, local: np.ndarray, wire: np.ndarray, dtype: int, grad: np.ndarray) -> bool:
+        """Decodes the payload of the `local` tensors into their segments of `grad`; True
+        when every value is finite."""
+        fmt = WIRE_NAMES[dtype]
+        if len(local) == self.layout.num_tensors:   # the payload is the whole flat layout
+            return convert.decode(wire, fmt, grad)
+        finite, pos, itemsize = True, 0, WIRE_ITEMSIZE[dtype]
         for k in local:
             o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
-            seg = grad[o:o + n]
-            if not in_place:
-                decode(wire[pos:pos + n * itemsize], header.dtype, seg)
+            finite &= convert.decode(wire[pos:pos + n * itemsize], fmt, grad[o:o + n])
             pos += n * itemsize
-            if not np.isfinite(seg).all():
-                if self.spec.nonfinite != pb.NONFINITE_SKIP:
-                    self.observer.skipped(self, NONFINITE)
-                    raise InvalidArgument(f"job {self.name!r}: non-finite gradient in tensor "
-                                          f"{self.spec.tensors[self.tensors[k]].name!r}")
-                nonfinite = True
-        return Contribution(header.worker, header.step, local, grad, groups, nonfinite=nonfinite)
+        return finite
 
     def _inbox(self, worker: int) -> Inbox:
         """The worker's receive buffers; call with its worker lock held."""
@@ -486,15 +493,15 @@ class Job:
 
     def _snapshot(self, local: np.ndarray, dtype: int) -> np.ndarray:
         """The parameters of the `local` tensors, back to back as `dtype` bytes."""
-        itemsize = WIRE_ITEMSIZE[dtype]
+        itemsize, fmt = WIRE_ITEMSIZE[dtype], WIRE_NAMES[dtype]
         out = self.snapshots.take(self.payload_bytes(local, itemsize))
         if len(local) == self.layout.num_tensors:
-            encode(self.state.param, dtype, out)
+            convert.encode(self.state.param, fmt, out)
             return out
         pos = 0
         for k in local:
             o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
-            encode(self.state.param[o:o + n], dtype, out[pos:pos + n * itemsize])
+            convert.encode(self.state.param[o:o + n], fmt, out[pos:pos + n * itemsize])
             pos += n * itemsize
         return out
 

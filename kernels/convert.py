@@ -1,0 +1,86 @@
+"""Conversions between a shard's float32 values and the wire formats, fused and multi-threaded.
+
+A Step decodes every gradient byte it receives and encodes every parameter byte it sends.
+With bfloat16 on the wire NumPy takes five passes to round, and its conversion took about
+as long as the AdamW step itself; these numba loops take one pass each, and the decoder
+checks on the way that every value is finite (the job's non-finite policy needs to know).
+numba has no float16 type on the CPU, so float16 goes through NumPy's own conversion.
+`optserve.kernels.reference.decode`/`encode` are the ground truth these are tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from optserve.kernels import reference
+
+_kernel = njit(parallel=True, cache=True)
+
+_U32_MASK = np.uint64(0xFFFFFFFF)
+_F32_EXPONENT = np.uint32(0x7F800000)
+_BF16_EXPONENT = np.uint16(0x7F80)
+
+
+@_kernel
+def _copy_f32(src, dst):
+    """dst = src (both uint32 bit patterns); returns the number of non-finite values."""
+    bad = 0
+    for i in prange(src.size):
+        bits = src[i]
+        dst[i] = bits
+        bad += (bits & _F32_EXPONENT) == _F32_EXPONENT
+    return bad
+
+
+@_kernel
+def _count_nonfinite_f32(bits):
+    bad = 0
+    for i in prange(bits.size):
+        bad += (bits[i] & _F32_EXPONENT) == _F32_EXPONENT
+    return bad
+
+
+@_kernel
+def _decode_bf16(src, dst):
+    """dst (float32 bits) = src (bfloat16 bits) << 16; returns the number of non-finite values."""
+    bad = 0
+    for i in prange(src.size):
+        half = src[i]
+        dst[i] = np.uint32(half) << np.uint32(16)
+        bad += (half & _BF16_EXPONENT) == _BF16_EXPONENT
+    return bad
+
+
+@_kernel
+def _encode_bf16(src, dst):
+    """dst = src (float32 bits) rounded to nearest even bfloat16, with the reference's
+    uint32 wrap-around."""
+    for i in prange(src.size):
+        bits = np.uint64(src[i])
+        rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) & _U32_MASK
+        dst[i] = np.uint16(rounded >> np.uint64(16))
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True when every float32 value is finite."""
+    return _count_nonfinite_f32(values.view(np.uint32)) == 0
+
+
+def decode(raw: np.ndarray, wire: str, out: np.ndarray) -> bool:
+    """Decodes the wire bytes `raw` into the float32 array `out`; True when every value is
+    finite."""
+    if wire == "float32":
+        return _copy_f32(raw.view(np.uint32), out.view(np.uint32)) == 0
+    if wire == "bfloat16":
+        return _decode_bf16(raw.view(np.uint16), out.view(np.uint32)) == 0
+    return reference.decode(raw, wire, out)
+
+
+def encode(values: np.ndarray, wire: str, out: np.ndarray) -> None:
+    """Encodes float32 `values` into the byte array `out` in the wire format."""
+    if wire == "float32":
+        _copy_f32(values.view(np.uint32), out.view(np.uint32))
+    elif wire == "bfloat16":
+        _encode_bf16(values.view(np.uint32), out.view(np.uint16))
+    else:
+        reference.encode(values, wire, out)
