@@ -11,6 +11,10 @@ ceiling, an echo server in this file), workers are `multiprocessing` spawn proce
                          gradient bytes to each shard in the same 4 MiB `bytes` chunks
                          (protobuf `Chunk` messages) and the server streams back the
                          parameter-sized bytes. No optimizer, no validation, no averaging.
+  grpc-raw-ceiling       the same, with each chunk a prebuilt `bytes` message and identity
+                         serializers: no protobuf at all, the least gRPC itself costs. optserve's
+                         chunk codec (proto/wire.py) gets close to this, so it is the honest
+                         ceiling for it.
   ddp-gloo+fused-adamw   torch.distributed (gloo, loopback) all-reduces the same gradient in
                          DDP's 25 MiB buckets, then torch.optim.AdamW(fused=True) steps locally.
 
@@ -54,12 +58,13 @@ CHUNK_BYTES = 4 * 1024 * 1024 - 1024
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
                 ("grpc.max_send_message_length", 8 * 1024 * 1024)]
 ECHO_SERVICE = "optserve.bench.Echo"
-ECHO_METHOD = f"/{ECHO_SERVICE}/Step"
+ECHO_METHODS = {False: f"/{ECHO_SERVICE}/Step", True: f"/{ECHO_SERVICE}/StepRaw"}
 DDP_BUCKET_BYTES = 25 * 1024 * 1024        # torch DDP's default bucket_cap_mb
 HYPER = dict(lr=1e-3, weight_decay=0.01)
 RUN_TIMEOUT_S = 600.0                       # one configuration, setup included
 
-IMPL_OPTSERVE, IMPL_CEILING, IMPL_DDP = "optserve", "grpc-ceiling", "ddp-gloo+fused-adamw"
+IMPL_OPTSERVE, IMPL_CEILING, IMPL_RAW, IMPL_DDP = ("optserve", "grpc-ceiling", "grpc-raw-ceiling",
+                                                   "ddp-gloo+fused-adamw")
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -181,33 +186,37 @@ def optserve_worker(rank: int, case: Case, target: tuple[list[str], str], barrie
         opt.close()
 
 
-def ceiling_worker(rank: int, case: Case, target: list[str], barrier) -> list[float]:
+def ceiling_worker(rank: int, case: Case, target: tuple[list[str], bool], barrier) -> list[float]:
     """Streams this worker's gradient bytes to every shard at once and reads the parameter
-    bytes back into one contiguous buffer per shard: the least any Step must do."""
+    bytes back into one contiguous buffer per shard: the least any Step must do. `target` is
+    (the echo servers, raw): raw sends prebuilt bytes with identity serializers, else
+    protobuf Chunk messages."""
+    servers, raw = target
     tune_malloc()  # the same allocator settings as optserve's own processes
     itemsize = ITEMSIZE[case.wire_dtype]
     sizes = [n * itemsize for n in case.shard_numel]
     # Built once: the ceiling pays for no tensor-to-bytes conversion, only for gRPC.
     payloads = [_random_chunks(n, seed=rank) for n in sizes]
     inboxes = [np.empty(n, np.uint8) for n in sizes]
-    channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in target]
-    calls = [c.stream_stream(ECHO_METHOD, request_serializer=pb.Chunk.SerializeToString,
-                             response_deserializer=pb.Chunk.FromString) for c in channels]
-    pool = futures.ThreadPoolExecutor(max_workers=len(target))
+    channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in servers]
+    codec = {} if raw else dict(request_serializer=pb.Chunk.SerializeToString,
+                                response_deserializer=pb.Chunk.FromString)
+    calls = [c.stream_stream(ECHO_METHODS[raw], **codec) for c in channels]
+    pool = futures.ThreadPoolExecutor(max_workers=len(servers))
 
     def exchange(k: int) -> None:
         sizes_md = (("request-bytes", str(sizes[k])), ("reply-bytes", str(sizes[k])))
-        replies = calls[k](_chunk_messages(payloads[k]), metadata=sizes_md)
+        requests = iter(payloads[k]) if raw else _chunk_messages(payloads[k])
         pos = 0
-        for msg in replies:
-            data = msg.data
+        for msg in calls[k](requests, metadata=sizes_md):
+            data = msg if raw else msg.data
             inboxes[k][pos:pos + len(data)] = np.frombuffer(data, np.uint8)
             pos += len(data)
         if pos != sizes[k]:
             raise RuntimeError(f"echo shard {k} sent {pos} bytes, expected {sizes[k]}")
 
     def step() -> None:
-        for f in [pool.submit(exchange, k) for k in range(len(target))]:
+        for f in [pool.submit(exchange, k) for k in range(len(servers))]:
             f.result()
 
     try:
@@ -300,20 +309,23 @@ def serve_echo(host: str = "127.0.0.1", port: int = 0) -> None:
             reply_cache[nbytes] = _random_chunks(nbytes, seed=nbytes)
         return reply_cache[nbytes]
 
-    def step(request_iterator, context):
-        sizes = dict(context.invocation_metadata())
-        parts = reply_chunks(int(sizes["reply-bytes"]))
-        inbox, pos = np.empty(int(sizes["request-bytes"]), np.uint8), 0
-        for msg in request_iterator:
-            data = msg.data
-            inbox[pos:pos + len(data)] = np.frombuffer(data, np.uint8)
-            pos += len(data)
-        yield from _chunk_messages(parts)
+    def echo(raw: bool):
+        def step(request_iterator, context):
+            sizes = dict(context.invocation_metadata())
+            parts = reply_chunks(int(sizes["reply-bytes"]))
+            inbox, pos = np.empty(int(sizes["request-bytes"]), np.uint8), 0
+            for msg in request_iterator:
+                data = msg if raw else msg.data
+                inbox[pos:pos + len(data)] = np.frombuffer(data, np.uint8)
+                pos += len(data)
+            yield from (parts if raw else _chunk_messages(parts))
+        return step
 
     handler = grpc.method_handlers_generic_handler(ECHO_SERVICE, {
         "Step": grpc.stream_stream_rpc_method_handler(
-            step, request_deserializer=pb.Chunk.FromString,
-            response_serializer=pb.Chunk.SerializeToString)})
+            echo(raw=False), request_deserializer=pb.Chunk.FromString,
+            response_serializer=pb.Chunk.SerializeToString),
+        "StepRaw": grpc.stream_stream_rpc_method_handler(echo(raw=True))})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -453,7 +465,8 @@ def summarize(impl: str, case: Case, times: list[list[float]], device: str,
                 step_ms_p90=1e3 * _common.percentile(pooled, 90),
                 payload_bytes_per_step=case.payload_bytes_per_step,
                 payload_gb_per_s=case.payload_bytes_per_step / step_s / 1e9,
-                steps=case.steps, warmup=case.warmup, ratio_to_ceiling=None, overhead_ms=None)
+                steps=case.steps, warmup=case.warmup, ratio_to_ceiling=None, overhead_ms=None,
+                ratio_to_raw_ceiling=None, raw_overhead_ms=None)
 
 
 def measure_optserve(pool: WorkerPool, case: Case, backend: str, log_dir: Path, device: str,
@@ -467,19 +480,21 @@ def measure_optserve(pool: WorkerPool, case: Case, backend: str, log_dir: Path, 
     return record
 
 
-def measure_ceiling(pool: WorkerPool, case: Case, echo: list[str], device: str) -> dict:
-    return summarize(IMPL_CEILING, case, pool.run(ceiling_worker, case, echo), device,
-                     case.shards)
+def measure_ceiling(pool: WorkerPool, case: Case, echo: list[str], device: str,
+                    raw: bool) -> dict:
+    return summarize(IMPL_RAW if raw else IMPL_CEILING, case,
+                     pool.run(ceiling_worker, case, (echo, raw)), device, case.shards)
 
 
 def measure_ddp(pool: WorkerPool, case: Case, device: str) -> dict:
     return summarize(IMPL_DDP, case, pool.run(ddp_worker, case, free_port()), device, None)
 
 
-def compare(optserve: dict, ceiling: dict) -> None:
-    """Adds the ratio to the ceiling and the per-step overhead to the optserve record."""
-    optserve["ratio_to_ceiling"] = optserve["payload_gb_per_s"] / ceiling["payload_gb_per_s"]
-    optserve["overhead_ms"] = optserve["step_ms_median"] - ceiling["step_ms_median"]
+def compare(optserve: dict, ceiling: dict, raw: dict) -> None:
+    """Adds the ratios to both ceilings and the per-step overheads to the optserve record."""
+    for suffix, c in (("", ceiling), ("raw_", raw)):
+        optserve[f"ratio_to_{suffix}ceiling"] = optserve["payload_gb_per_s"] / c["payload_gb_per_s"]
+        optserve[f"{suffix}overhead_ms"] = optserve["step_ms_median"] - c["step_ms_median"]
 
 
 def pick_backend(log_dir: Path) -> str:
@@ -522,18 +537,19 @@ def plan(quick: bool) -> list[Group]:
 
 def measure_group(group: Group, echo: list[str], backend: str, log_dir: Path, device: str,
                   tag: str) -> list[dict]:
-    """DDP once per wire dtype; the ceiling then optserve, back to back, per shard count."""
+    """DDP once per wire dtype; both ceilings then optserve, back to back, per shard count."""
     records = []
     with WorkerPool(group.workers) as pool:
         for base, shard_counts in group.cases():
             records.append(_logged(measure_ddp(pool, base, device)))
             for shards in shard_counts:
                 case = replace(base, shards=shards)
-                ceiling = _logged(measure_ceiling(pool, case, echo[:shards], device))
+                ceiling = _logged(measure_ceiling(pool, case, echo[:shards], device, raw=False))
+                raw = _logged(measure_ceiling(pool, case, echo[:shards], device, raw=True))
                 mine = measure_optserve(pool, case, backend, log_dir, device,
                                         f"{tag}-{case.wire_dtype}-{shards}")
-                compare(mine, ceiling)
-                records += [ceiling, _logged(mine)]
+                compare(mine, ceiling, raw)
+                records += [ceiling, raw, _logged(mine)]
     return records
 
 
@@ -561,7 +577,8 @@ def run_all(quick: bool, log_dir: Path) -> tuple[list[dict], dict]:
 def _logged(record: dict) -> dict:
     extra = ""
     if record["ratio_to_ceiling"] is not None:
-        extra = (f", {record['ratio_to_ceiling']:.0%} of ceiling, "
+        extra = (f", {record['ratio_to_ceiling']:.0%} of ceiling "
+                 f"({record['ratio_to_raw_ceiling']:.0%} of raw), "
                  f"overhead {record['overhead_ms']:.1f} ms")
     shards = "-" if record["shards"] is None else record["shards"]
     print(f"{record['impl']:>22} {record['params_label']:>4} shards={shards} "
@@ -584,17 +601,20 @@ def comparison_rows(records: list[dict]) -> list[dict]:
     def key(r, shards):
         return (r["params"], shards, r["workers"], r["wire_dtype"])
     ceilings = {key(r, r["shards"]): r for r in records if r["impl"] == IMPL_CEILING}
+    raws = {key(r, r["shards"]): r for r in records if r["impl"] == IMPL_RAW}
     ddp = {key(r, None): r for r in records if r["impl"] == IMPL_DDP}
     rows = []
     for r in records:
         if r["impl"] != IMPL_OPTSERVE:
             continue
         c, d = ceilings[key(r, r["shards"])], ddp.get(key(r, None), {})
+        raw = raws[key(r, r["shards"])]
         rows.append(dict(params=r["params_label"], shards=r["shards"], workers=r["workers"],
                          wire=r["wire_dtype"], mb=r["payload_bytes_per_step"] / 1e6,
                          ms=r["step_ms_median"], p90=r["step_ms_p90"], gbs=r["payload_gb_per_s"],
                          c_ms=c["step_ms_median"], c_gbs=c["payload_gb_per_s"],
                          ratio=f"{r['ratio_to_ceiling']:.0%}", over=r["overhead_ms"],
+                         r_ms=raw["step_ms_median"], r_ratio=f"{r['ratio_to_raw_ceiling']:.0%}",
                          ddp=d.get("step_ms_median"), ddp_p90=d.get("step_ms_p90")))
     return rows
 
@@ -602,7 +622,8 @@ def comparison_rows(records: list[dict]) -> list[dict]:
 COLUMNS = [("params", "params"), ("shards", "shards"), ("workers", "workers"), ("wire", "wire"),
            ("mb", "MB/step"), ("ms", "optserve ms (median)"), ("p90", "p90"),
            ("gbs", "optserve GB/s"), ("c_ms", "gRPC ceiling ms"), ("c_gbs", "ceiling GB/s"),
-           ("ratio", "ratio"), ("over", "overhead ms"), ("ddp", "DDP+fused AdamW ms"),
+           ("ratio", "ratio"), ("over", "overhead ms"), ("r_ms", "raw ceiling ms"),
+           ("r_ratio", "ratio to raw"), ("ddp", "DDP+fused AdamW ms"),
            ("ddp_p90", "p90")]
 
 
@@ -621,6 +642,11 @@ def findings(records: list[dict], meta: dict) -> str:
             f"met in {met} of {len(big)} configurations; ratios range from "
             f"{lo['ratio_to_ceiling']:.0%} ({_where(lo)}) to {hi['ratio_to_ceiling']:.0%} "
             f"({_where(hi)}).")
+        raw_met = sum(r["ratio_to_raw_ceiling"] >= 0.8 for r in big)
+        raw_median = _common.median([r["ratio_to_raw_ceiling"] for r in big])
+        lines.append(
+            f"- Against the raw-bytes ceiling (no protobuf at all), ≥ 80 % in {raw_met} of "
+            f"{len(big)}; median ratio {raw_median:.0%}.")
     if small:
         met = sum(r["overhead_ms"] < 5.0 for r in small)
         one = [r for r in small if r["shards"] == 1 and r["workers"] == 1
@@ -683,8 +709,9 @@ def _load(avg: list[float]) -> str:
 
 def _malloc_note(meta: dict) -> str:
     env = meta.get("malloc_env") or {}
-    return ("tuned by " + ", ".join(f"`{k}={v}`" for k, v in env.items()) if env
-            else "with its default settings (no `MALLOC_*` tuning)")
+    tuned = "every process sets the same mmap and trim thresholds in-process (`tune_malloc`)"
+    return (tuned + ", and the environment sets " + ", ".join(f"`{k}={v}`" for k, v in env.items())
+            if env else tuned)
 
 
 def write_report(out: Path, records: list[dict], meta: dict) -> None:
@@ -700,7 +727,9 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
         "slowest worker's step time; latency columns pool every worker's steps. The ceiling "
         "sends the same bytes per shard over a plain gRPC bidi stream in the same 4 MiB protobuf "
         "`bytes` chunks (prebuilt, no optimizer); *overhead* is optserve's median step minus "
-        "the ceiling's. DDP all-reduces the same gradient (gloo, 25 MiB buckets, bf16 as "
+        "the ceiling's. The raw ceiling sends prebuilt `bytes` messages with identity serializers, "
+        "no protobuf at all: optserve's own chunk codec (proto/wire.py) writes protobuf's bytes "
+        "without protobuf's copies, so this is the stricter comparison. DDP all-reduces the same gradient (gloo, 25 MiB buckets, bf16 as "
         "`bf16_compress_hook` does) then steps `torch.optim.AdamW(fused=True)` locally; it has "
         "no shards. Worker processes run torch with one thread each. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + f"; glibc malloc {_malloc_note(meta)}. The run took {meta['seconds']:.0f} s; load "

@@ -10,11 +10,12 @@ and copies the updated parameters that come back into `param.data`.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -24,7 +25,7 @@ from optserve.proto import optimizers
 from optserve.proto.errors import InvalidArgument, OptserveError, from_rpc_error
 from optserve.proto.spec import DTYPE_NAMES, WIRE_ITEMSIZE, numel, place, tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, OptimizerStub, RawChunk, chunked
+from optserve.proto.wire import CHUNK_BYTES, Assembler, OptimizerStub, RawChunk, chunked
 
 if sys.byteorder != "little":  # the wire format is little-endian and we send native bytes
     raise ImportError("optserve.client needs a little-endian machine")
@@ -187,8 +188,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         def register(shard: int) -> pb.RegisterJobResponse:
             header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank)
             tensors = [self._params[t] for t in self._shard_tensors[shard]]
-            payload = _pack(tensors, torch.empty(sum(p.numel() for p in tensors)))
-            msgs = [pb.RegisterJobRequest(header=header), *chunked(payload)]
+            values = torch.empty(sum(p.numel() for p in tensors))
+            msgs = [pb.RegisterJobRequest(header=header), *_packed_chunks(tensors, values)]
             return self._retrying(lambda: self._stubs[shard].RegisterJob(iter(msgs),
                                                                           timeout=self.rpc_timeout))
 
@@ -239,11 +240,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                groups=groups, dtype=self.spec.grad_dtype,
                                version=self._version[shard])
         buffers = self._buffers[shard]
-        payload = _pack([self._params[t].grad for t in tensors], buffers.send)
+        grads = [self._params[t].grad for t in tensors]
 
         def requests():
             yield pb.StepRequest(header=header)
-            yield from chunked(payload)
+            yield from _packed_chunks(grads, buffers.send)
 
         reply, values = self._retrying(lambda: buffers.receive(
             self._stubs[shard].Step(requests(), timeout=self.rpc_timeout)))
@@ -446,14 +447,24 @@ class _CallDetails(collections.namedtuple(
     pass
 
 
-def _pack(tensors: list[torch.Tensor], out: torch.Tensor) -> memoryview:
-    """The tensors back to back in `out` (converted to its dtype), as little-endian bytes."""
-    pos = 0
-    for t in tensors:
-        n = t.numel()
-        out[pos:pos + n].copy_(t.detach().reshape(-1))
-        pos += n
-    return memoryview(out[:pos].view(torch.uint8).numpy())
+def _packed_chunks(tensors: list[torch.Tensor], out: torch.Tensor) -> Iterator[RawChunk]:
+    """The tensors back to back in `out` (converted to its dtype), as chunks of little-endian
+    bytes. Each chunk is packed just before it is sent, so packing the next one overlaps
+    with the shard receiving this one."""
+    size = out.element_size()
+    per_chunk = CHUNK_BYTES // size
+    starts = list(itertools.accumulate((t.numel() for t in tensors), initial=0))
+    as_bytes = out[:starts[-1]].view(torch.uint8).numpy()
+    k = 0   # the first tensor not yet packed whole
+    for lo in range(0, starts[-1], per_chunk):
+        hi = min(lo + per_chunk, starts[-1])
+        while k < len(tensors) and starts[k] < hi:   # the parts of tensors in [lo, hi)
+            a, b = max(lo, starts[k]), min(hi, starts[k + 1])
+            out[a:b].copy_(tensors[k].detach().reshape(-1)[a - starts[k]:b - starts[k]])
+            if starts[k + 1] > hi:
+                break
+            k += 1
+        yield RawChunk(lo * size, memoryview(as_bytes[lo * size:hi * size]))
 
 
 class _Buffers:

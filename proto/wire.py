@@ -194,8 +194,12 @@ class Assembler:
                 f"{self.what}: {self.filled + n} bytes received, more than the {self.total} expected")
         if n == 0 and self.total:
             raise InvalidArgument(f"{self.what}: empty chunk")
-        self.buf[self.filled:self.filled + n] = np.frombuffer(chunk.data, np.uint8)
+        self._land(np.frombuffer(chunk.data, np.uint8))
         self.filled += n
+
+    def _land(self, data: np.ndarray) -> None:
+        """Puts a checked chunk's bytes where they belong."""
+        self.buf[self.filled:self.filled + len(data)] = data
 
     def finish(self) -> np.ndarray:
         if self.filled != self.total:

@@ -25,7 +25,7 @@ from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, Invalid
 from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES, dtype_name, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
-from optserve.server.buffers import SnapshotPool
+from optserve.server.payloads import Decoder, SnapshotPool
 
 log = logging.getLogger("optserve.server")
 
@@ -42,21 +42,6 @@ class Result:
     dtype: int = pb.FLOAT32
     dropped: str = ""             # "" when applied, else LATE, STALE or ROLLED_BACK
     last_step: int = 0
-
-
-@dataclass
-class Inbox:
-    """One worker's receive buffers, reused every step under that worker's lock: a sync round
-    holds at most one gradient per worker, and it is averaged before the worker's call ends."""
-    grad: np.ndarray                  # float32, the whole flat layout
-    wire: np.ndarray | None = None
-
-    def raw(self, nbytes: int, capacity: int) -> np.ndarray:
-        """Room for a payload that cannot land in `grad` as it is (another wire dtype, or
-        only some tensors), allocated once with the job's largest payload's `capacity`."""
-        if self.wire is None:
-            self.wire = np.empty(capacity, np.uint8)
-        return self.wire[:nbytes]
 
 
 @dataclass
@@ -129,7 +114,10 @@ class Job:
         self.worker_step: dict[int, int] = {}
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
-        self.inboxes: dict[int, Inbox] = {}
+        # Each worker's gradient lands in its own buffer, reused every step under its worker
+        # lock: a sync round holds at most one gradient per worker, averaged before the
+        # worker's call ends.
+        self.grads: dict[int, np.ndarray] = {}
         self.mean_grad: np.ndarray | None = None      # sync rounds of several workers
         self.snapshots = SnapshotPool()
         self.observer = observer or NoObserver()
@@ -300,22 +288,18 @@ class Job:
                 f"got {dtype_name(header.dtype)}")
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
+        grad = self.grads.get(header.worker)
+        if grad is None:
+            grad = self.grads[header.worker] = np.empty(self.layout.numel, np.float32)
         itemsize = WIRE_ITEMSIZE[header.dtype]
-        inbox = self._inbox(header.worker)
-        grad = inbox.grad
-        # All tensors as float32: the payload already is the flat layout, receive in place.
-        in_place = header.dtype == pb.FLOAT32 and len(local) == self.layout.num_tensors
-        nbytes = self.payload_bytes(local, itemsize)
-        raw = Assembler(nbytes, f"job {self.name!r} step {header.step} gradient",
-                        out=grad.view(np.uint8) if in_place
-                        else inbox.raw(nbytes, self.layout.numel * itemsize))
+        decoder = Decoder(self.payload_bytes(local, itemsize),
+                          f"job {self.name!r} step {header.step} gradient",
+                          WIRE_NAMES[header.dtype], itemsize, grad, self._runs(local))
         start = time.perf_counter()
         for chunk in chunks:
-            raw.add(chunk)
-        wire = raw.finish()
-        self.observer.received(self, raw.total, time.perf_counter() - start)
-        finite = (convert.all_finite(grad) if in_place
-                  else self._decode(local, wire, header.dtype, grad))
+            decoder.add(chunk)
+        finite = decoder.finish()
+        self.observer.received(self, decoder.total, time.perf_counter() - start)
         if not finite and self.spec.nonfinite != pb.NONFINITE_SKIP:
             self.observer.skipped(self, NONFINITE)
             bad = next(k for k in local if not np.isfinite(self.layout.param_view(grad, k)).all())
@@ -324,25 +308,17 @@ class Job:
         return Contribution(header.worker, header.step, local, grad, groups,
                             nonfinite=not finite)
 
-    def _decode(self, local: np.ndarray, wire: np.ndarray, dtype: int, grad: np.ndarray) -> bool:
-        """Decodes the payload of the `local` tensors into their segments of `grad`; True
-        when every value is finite."""
-        fmt = WIRE_NAMES[dtype]
-        if len(local) == self.layout.num_tensors:   # the payload is the whole flat layout
-            return convert.decode(wire, fmt, grad)
-        finite, pos, itemsize = True, 0, WIRE_ITEMSIZE[dtype]
+    def _runs(self, local: np.ndarray) -> list[tuple[int, int]]:
+        """The (start, length) ranges of the flat layout that the `local` tensors fill, in
+        order, neighbours merged."""
+        runs: list[tuple[int, int]] = []
         for k in local:
             o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
-            finite &= convert.decode(wire[pos:pos + n * itemsize], fmt, grad[o:o + n])
-            pos += n * itemsize
-        return finite
-
-    def _inbox(self, worker: int) -> Inbox:
-        """The worker's receive buffers; call with its worker lock held."""
-        inbox = self.inboxes.get(worker)
-        if inbox is None:
-            inbox = self.inboxes[worker] = Inbox(np.empty(self.layout.numel, np.float32))
-        return inbox
+            if runs and runs[-1][0] + runs[-1][1] == o:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((o, n))
+        return runs
 
     def _local_indices(self, tensors: Iterable[int]) -> np.ndarray:
         out = []
