@@ -1,20 +1,23 @@
-"""Conversions between a shard's float32 values and the wire formats, fused and multi-threaded.
+"""Conversions between a shard's float32 values and the wire formats, each one fused pass.
 
 A Step decodes every gradient byte it receives and encodes every parameter byte it sends.
 With bfloat16 on the wire NumPy takes five passes to round, and its conversion took about
 as long as the AdamW step itself; these numba loops take one pass each, and the decoder
 checks on the way that every value is finite (the job's non-finite policy needs to know).
-numba has no float16 type on the CPU, so float16 goes through NumPy's own conversion.
+They run on the calling thread only: a shard decodes each chunk as it arrives, beside
+gRPC's own threads, and a parallel region per 4 MiB chunk measured slower on 2 cores
+(its threads wait for a core that gRPC holds). numba has no float16 type on the CPU, so
+float16 goes through NumPy's own conversion.
 `optserve.kernels.reference.decode`/`encode` are the ground truth these are tested against.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from optserve.kernels import reference
 
-_kernel = njit(parallel=True, cache=True)
+_kernel = njit(cache=True)
 
 _U32_MASK = np.uint64(0xFFFFFFFF)
 _F32_EXPONENT = np.uint32(0x7F800000)
@@ -25,7 +28,7 @@ _BF16_EXPONENT = np.uint16(0x7F80)
 def _copy_f32(src, dst):
     """dst = src (both uint32 bit patterns); returns the number of non-finite values."""
     bad = 0
-    for i in prange(src.size):
+    for i in range(src.size):
         bits = src[i]
         dst[i] = bits
         bad += (bits & _F32_EXPONENT) == _F32_EXPONENT
@@ -35,7 +38,7 @@ def _copy_f32(src, dst):
 @_kernel
 def _count_nonfinite_f32(bits):
     bad = 0
-    for i in prange(bits.size):
+    for i in range(bits.size):
         bad += (bits[i] & _F32_EXPONENT) == _F32_EXPONENT
     return bad
 
@@ -44,7 +47,7 @@ def _count_nonfinite_f32(bits):
 def _decode_bf16(src, dst):
     """dst (float32 bits) = src (bfloat16 bits) << 16; returns the number of non-finite values."""
     bad = 0
-    for i in prange(src.size):
+    for i in range(src.size):
         half = src[i]
         dst[i] = np.uint32(half) << np.uint32(16)
         bad += (half & _BF16_EXPONENT) == _BF16_EXPONENT
@@ -55,7 +58,7 @@ def _decode_bf16(src, dst):
 def _encode_bf16(src, dst):
     """dst = src (float32 bits) rounded to nearest even bfloat16, with the reference's
     uint32 wrap-around."""
-    for i in prange(src.size):
+    for i in range(src.size):
         bits = np.uint64(src[i])
         rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) & _U32_MASK
         dst[i] = np.uint16(rounded >> np.uint64(16))
