@@ -379,7 +379,10 @@ class Servers:
 
 
 def shard_argv(backend: str) -> list[str]:
-    return [sys.executable, "-m", "optserve", "server", "--port", "0", "--device", backend]
+    # One kernel thread, as the workers run torch with one: the processes outnumber the
+    # cores, and a parallel region waits for a core that another process holds.
+    return [sys.executable, "-m", "optserve", "server", "--port", "0", "--device", backend,
+            "--threads", "1"]
 
 
 def echo_argv() -> list[str]:
@@ -729,9 +732,11 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
         "`bytes` chunks (prebuilt, no optimizer); *overhead* is optserve's median step minus "
         "the ceiling's. The raw ceiling sends prebuilt `bytes` messages with identity serializers, "
         "no protobuf at all: optserve's own chunk codec (proto/wire.py) writes protobuf's bytes "
-        "without protobuf's copies, so this is the stricter comparison. DDP all-reduces the same gradient (gloo, 25 MiB buckets, bf16 as "
-        "`bf16_compress_hook` does) then steps `torch.optim.AdamW(fused=True)` locally; it has "
-        "no shards. Worker processes run torch with one thread each. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        "without protobuf's copies, so this is the stricter comparison. DDP all-reduces the "
+        "same gradient (gloo, 25 MiB buckets, bf16 as `bf16_compress_hook` does) then steps "
+        "`torch.optim.AdamW(fused=True)` locally; it has no shards. Worker processes run torch with one thread each, and shards run their "
+        "kernels on one thread (`--threads 1`). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + f"; glibc malloc {_malloc_note(meta)}. The run took {meta['seconds']:.0f} s; load "
         f"average (1, 5, 15 min) {_load(meta['loadavg_before'])} before and "
         f"{_load(meta['loadavg_after'])} after.")

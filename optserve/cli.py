@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
 def _server(args: argparse.Namespace) -> int:
+    if args.threads:  # read by numba when it is first imported, just below
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     from optserve.server import serve
     from optserve.server.app import TLSFiles
     from optserve.server.store import Limits, half_of_memory
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=50051)
     server.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "reference"],
                         help="optimizer backend; auto picks cuda when a GPU is visible")
+    server.add_argument("--threads", type=int, default=None,
+                        help="threads of the CPU kernels (default: one per core); 1 where the "
+                             "shard shares its cores with workers")
     server.add_argument("--barrier-timeout", type=float, default=300.0,
                         help="seconds a sync step waits for the other workers")
     server.add_argument("--grace", type=float, default=10.0,

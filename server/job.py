@@ -241,7 +241,8 @@ class Job:
                      self.name, worker, version, self.version)
             return Result(self.version, list(self.tensors),
                           self._snapshot(np.arange(self.layout.num_tensors), self.param_dtype),
-                          self.param_dtype, ROLLED_BACK, self.version if self.sync else self.worker_step.get(worker, 0))
+                          self.param_dtype, ROLLED_BACK,
+                          self.version if self.sync else self.worker_step.get(worker, 0))
 
     def _check_order(self, worker: int, header: pb.StepHeader) -> None:
         with self.cond:

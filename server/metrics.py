@@ -118,14 +118,17 @@ class MetricsRecorder:
         self.m = metrics
         self.every = max(1, every)
         self.max_series = max_series
-        self._series: dict[str, tuple[list[str], np.ndarray]] = {}
+        # per job: series labels, each tensor's series, and each series' four gauges, looked
+        # up at its first refresh and kept (a labels() lookup per tensor per step cost more
+        # than a small step's math); a series appears only once it has values
+        self._series: dict[str, tuple[list[str], np.ndarray, list[tuple | None]]] = {}
 
     def registered(self, job) -> None:
         names = [job.spec.tensors[t].name for t in job.tensors]
         labels = tensor_series(names, self.max_series)
         unique = sorted(set(labels))
         index = np.array([unique.index(label) for label in labels], np.int64)
-        self._series[job.name] = (unique, index)
+        self._series[job.name] = (unique, index, [None] * len(unique))
         self.m.jobs.inc()
         self.m.state_bytes.labels(job.name).set(job.layout.state_bytes())
         self.m.workers.labels(job.name).set(len(job.members))
@@ -179,7 +182,7 @@ class MetricsRecorder:
             self._tensor_gauges(job, report)
 
     def _tensor_gauges(self, job, report) -> None:
-        labels, index = self._series[job.name]
+        labels, index, gauges = self._series[job.name]
         active = report.active
         sums = {}
         for key in ("w2", "wdw", "dw2", "g2"):
@@ -193,10 +196,13 @@ class MetricsRecorder:
         step = angular_step(w2, wdw, dw2)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(w2 > 0, np.sqrt(dw2 / w2), 0.0)
-        for i in np.flatnonzero(seen):
-            series = (job.name, labels[i])
-            self.m.weight_norm.labels(*series).set(new_norm[i])
-            self.m.effective_step.labels(*series).set(step[i])
-            self.m.update_ratio.labels(*series).set(ratio[i])
-            self.m.grad_norm.labels(*series).set(np.sqrt(sums["g2"][i]))
+        values = list(zip(new_norm.tolist(), step.tolist(), ratio.tolist(),
+                          np.sqrt(sums["g2"]).tolist()))
+        for i in np.flatnonzero(seen).tolist():
+            if gauges[i] is None:
+                gauges[i] = tuple(g.labels(job.name, labels[i]) for g in (
+                    self.m.weight_norm, self.m.effective_step, self.m.update_ratio,
+                    self.m.grad_norm))
+            for gauge, value in zip(gauges[i], values[i]):
+                gauge.set(value)
 

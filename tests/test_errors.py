@@ -194,7 +194,8 @@ def test_set_state_with_wrong_shape(job):
             header.CopyFrom(m.header)
     payload = before[2]
     header.entries[0].shape[:] = [1, 2, 3]
-    msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c) for c in chunks(payload, limit=1 << 20)]
+    msgs = [pb.StateStream(header=header)] + [pb.StateStream(chunk=c)
+                                              for c in chunks(payload, limit=1 << 20)]
     refused(stub, lambda: stub.SetOptimizerState(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT,
             "has shape (1, 2, 3)")
 

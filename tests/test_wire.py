@@ -151,8 +151,8 @@ def test_steps_whose_tensors_straddle_chunk_boundaries(shard, wire):
                                 torch.nn.Linear(700, 11))
     oracle = [p.detach().clone().requires_grad_() for p in model.parameters()]
     dtype = getattr(torch, wire)
-    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job=f"straddle-{wire}",
-                          grad_dtype=wire, lr=1e-2)
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address],
+                          job=f"straddle-{wire}", grad_dtype=wire, lr=1e-2)
     ref = torch.optim.AdamW(oracle, lr=1e-2)
     for step in range(3):
         for k, (p, q) in enumerate(zip(model.parameters(), oracle)):
