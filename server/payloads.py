@@ -78,7 +78,7 @@ class SnapshotPool:
     memoryview or a slice holds its base), so a buffer is never reused while it is read.
     """
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 2):
         self.keep = keep                  # spare buffers kept per size
         self._spare: dict[int, list[np.ndarray]] = {}
         self._lock = threading.RLock()    # re-entrant: a finalizer may run inside take()
