@@ -49,7 +49,8 @@ def test_health_and_reflection(shard):
 
 def test_server_process_logs_jobs_and_exits_cleanly_on_sigterm():
     proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
-                             "--grace", "2", "--device", DEVICE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--grace", "2", "--device", DEVICE, "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()
