@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from optserve.proto.errors import InvalidArgument
 from optserve.proto.v1 import optserve_pb2 as pb
@@ -31,6 +32,13 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Optimizer"]
 _TAG_CHUNK = 2 << 3 | 2     # <Stream>.chunk, length-delimited
 _TAG_OFFSET = 1 << 3 | 0    # Chunk.offset, varint
 _TAG_DATA = 2 << 3 | 2      # Chunk.data, length-delimited
+
+
+class Undecodable(NamedTuple):
+    """A request whose bytes protobuf cannot parse. The shard's deserializer returns it
+    instead of raising, which gRPC would answer with a bare INTERNAL; the servicer answers
+    INVALID_ARGUMENT with `detail`."""
+    detail: str
 
 
 class RawChunk(NamedTuple):
@@ -142,6 +150,16 @@ def _parser(descriptor):
     return stream_parser(message_type) if _is_stream(descriptor) else message_type.FromString
 
 
+def _tolerant(parse, name: str):
+    """`parse`, with bytes that do not parse as a `name` turned into an Undecodable."""
+    def tolerant(buf: bytes):
+        try:
+            return parse(buf)
+        except DecodeError as e:
+            return Undecodable(f"the request is not a valid {name} message ({e})")
+    return tolerant
+
+
 def _kind(method) -> str:
     return (("stream" if method.client_streaming else "unary") + "_"
             + ("stream" if method.server_streaming else "unary"))
@@ -161,10 +179,12 @@ class OptimizerStub(pb_grpc.OptimizerStub):
 
 
 def add_servicer(servicer: pb_grpc.OptimizerServicer, server: grpc.Server) -> None:
-    """Serves `servicer` as add_OptimizerServicer_to_server does, with this codec."""
+    """Serves `servicer` as add_OptimizerServicer_to_server does, with this codec; requests
+    that do not parse reach it as Undecodable."""
     handlers = {
         method.name: getattr(grpc, f"{_kind(method)}_rpc_method_handler")(
-            getattr(servicer, method.name), request_deserializer=_parser(method.input_type),
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(_parser(method.input_type), method.input_type.name),
             response_serializer=serialize)
         for method in SERVICE.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name,

@@ -12,7 +12,7 @@ import pathlib
 
 import grpc
 
-from optserve.proto.wire import RawChunk
+from optserve.proto.wire import RawChunk, Undecodable
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -87,7 +87,7 @@ def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
 
 def job_of(message) -> str:
     """The job a request names: `job`, or its stream header's `job` or `spec.job`."""
-    if isinstance(message, RawChunk):  # a stream that does not start with its header
+    if isinstance(message, (RawChunk, Undecodable)):  # no header, or not parseable
         return ""
     if "job" in message.DESCRIPTOR.fields_by_name:
         return message.job

@@ -13,7 +13,7 @@ import grpc
 from optserve.proto.errors import InvalidArgument, OptserveError, status_of
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
-from optserve.proto.wire import RawChunk, chunked
+from optserve.proto.wire import RawChunk, Undecodable, chunked
 from optserve.server.job import Result
 from optserve.server.store import ShardStore
 
@@ -32,6 +32,8 @@ def translate_errors(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(request.detail)
             return method(self, request, context)
         except Exception as exc:  # every failure gets a status, unknown ones INTERNAL
             _abort(context, exc)
@@ -43,6 +45,8 @@ def translate_errors_stream(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(request.detail)
             yield from method(self, request, context)
         except Exception as exc:
             _abort(context, exc)
@@ -53,11 +57,15 @@ def split_stream(requests: Iterator, what: str):
     """(header, iterator over the RawChunks) of a `oneof {header; chunk}` request stream,
     as optserve.proto.wire decodes it."""
     first = next(requests, None)
+    if isinstance(first, Undecodable):
+        raise InvalidArgument(f"{what}: {first.detail}")
     if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
         raise InvalidArgument(f"{what}: the first message must be the header")
 
     def body():
         for msg in requests:
+            if isinstance(msg, Undecodable):
+                raise InvalidArgument(f"{what}: {msg.detail}")
             if not isinstance(msg, RawChunk):
                 raise InvalidArgument(f"{what}: only chunks may follow the header")
             yield msg

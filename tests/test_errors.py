@@ -248,3 +248,24 @@ def test_nonfinite_skip_policy_skips_and_counts_the_step(shard):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert shard.metrics.skipped.labels("skip", "nonfinite")._value.get() == 1
     opt.close()
+
+
+# Bytes protobuf itself refuses to parse: a truncated header, a chunk whose inner length runs
+# past its end, a length prefix with nothing after it.
+UNPARSEABLE = {"truncated header": b"\x0a\x05garb", "chunk overrun": b"\x12\x03\x12\x05ab",
+               "dangling length": b"\x12\xff\xff"}
+
+
+@pytest.mark.parametrize("name", UNPARSEABLE)
+def test_bytes_that_do_not_parse_are_invalid_argument(shard, job, name):
+    """gRPC answers a deserializer that raises with a bare INTERNAL; the shard says what is
+    wrong instead, for a streamed and for a unary request, and changes nothing."""
+    opt, stub = job
+    header = pb.StepRequest(header=step_header(opt)).SerializeToString()
+    with grpc.insecure_channel(shard.address) as channel:   # raw bytes, no serializer
+        step = channel.stream_stream("/optserve.v1.Optimizer/Step")
+        pull = channel.unary_stream("/optserve.v1.Optimizer/PullParameters")
+        for call in (lambda: list(step(iter([header, UNPARSEABLE[name]]))),
+                     lambda: list(step(iter([UNPARSEABLE[name]]))),
+                     lambda: list(pull(UNPARSEABLE[name]))):
+            refused(stub, call, grpc.StatusCode.INVALID_ARGUMENT, "is not a valid")
