@@ -5,7 +5,9 @@
     loss.backward(); opt.step(); opt.zero_grad()
 
 step() streams each gradient to the shard that owns its tensor (all shards at once),
-and copies the updated parameters that come back into `param.data`.
+and copies the updated parameters into `param.data` chunk by chunk as they come back.
+When step() raises, some parameters may already hold the new values: pull_parameters()
+brings the model back in line with the shards.
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  for c in self._channels]
         self._stubs = [OptimizerStub(c) for c in calls]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="optserve-client")
-        self._buffers = [_Buffers(sum(self._params[t].numel() for t in tensors), self._wire_dtype)
+        self._buffers = [_Buffers(tensors, self._params, self._wire_dtype)
                          for tensors in self._shard_tensors]
         self._step_no = [0] * len(servers)   # the last step completed, per shard
         self._version = [0] * len(servers)   # the parameter version held, per shard
@@ -196,7 +198,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for shard, reply in enumerate(self._call_all(register)):
             self._step_no[shard], self._version[shard] = reply.last_step, reply.version
             if not reply.created:  # the job's parameters win over this worker's initial ones
-                self._write_back(*self._pull(shard))
+                self._pull(shard)
 
     # ---- the step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -212,9 +214,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # Every shard hears from every worker each step, even with no gradient for it, so
         # that a sync barrier never waits for a worker that has nothing to send.
         replies = self._call_all(lambda k: self._step_shard(k, groups, have_grad))
-        for reply, values in replies:
-            self._write_back(list(reply.tensors), values)
-        rolled = [reply.version for reply, _ in replies if reply.drop_reason == "rolled_back"]
+        rolled = [reply.version for reply in replies if reply.drop_reason == "rolled_back"]
         if rolled:
             self._roll_back_to(min(rolled))
             raise RolledBack(min(rolled))
@@ -227,13 +227,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if self._version[k] != version:
                 self._stubs[k].Restore(pb.RestoreRequest(job=self.job, version=version),
                                        timeout=self.rpc_timeout)
-            return self._pull(k)
-        for tensors, values in self._call_all(restore):
-            self._write_back(tensors, values)
+            self._pull(k)
+        self._call_all(restore)
         if self.spec.mode == pb.SYNC:
             self._step_no = [version] * len(self._stubs)
 
-    def _step_shard(self, shard: int, groups, have_grad) -> tuple[pb.TensorHeader, torch.Tensor]:
+    def _step_shard(self, shard: int, groups, have_grad) -> pb.TensorHeader:
         tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]
         step = self._step_no[shard] + 1
         header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
@@ -246,8 +245,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             yield pb.StepRequest(header=header)
             yield from _packed_chunks(grads, buffers.send)
 
-        reply, values = self._retrying(lambda: buffers.receive(
-            self._stubs[shard].Step(requests(), timeout=self.rpc_timeout)))
+        reply = self._retrying(lambda: buffers.receive(
+            self._stubs[shard].Step(requests(), timeout=self.rpc_timeout), self._params))
         if reply.dropped:
             self.dropped_steps += 1
             log.info("job %r: shard %d dropped this worker's %s gradient for step %d",
@@ -258,28 +257,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         else:
             self._step_no[shard] = reply.last_step if reply.drop_reason == "rolled_back" else step
         self._version[shard] = reply.version
-        return reply, values
+        return reply
 
-    def _write_back(self, tensors: list[int], values: torch.Tensor) -> None:
-        """Copies the shard's values (in their wire dtype) into the parameters."""
-        pos = 0
-        for t in tensors:
-            p = self._params[t]
-            n = p.numel()
-            p.data.copy_(values[pos:pos + n].view(p.shape))
-            pos += n
-
-    def _pull(self, shard: int) -> tuple[list[int], torch.Tensor]:
+    def _pull(self, shard: int) -> None:
+        """Overwrites this shard's parameters with its current values."""
         request = pb.PullParametersRequest(job=self.job)
-        reply, values = self._retrying(lambda: self._buffers[shard].receive(
-            self._stubs[shard].PullParameters(request, timeout=self.rpc_timeout)))
+        reply = self._retrying(lambda: self._buffers[shard].receive(
+            self._stubs[shard].PullParameters(request, timeout=self.rpc_timeout), self._params))
         self._version[shard] = reply.version
-        return list(reply.tensors), values
 
     def pull_parameters(self) -> None:
         """Overwrites the local parameters with the shards' current values."""
-        for result in self._call_all(self._pull):
-            self._write_back(*result)
+        self._call_all(self._pull)
 
     # ---- state dicts in torch's format -------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -473,29 +462,73 @@ class _Buffers:
     4 KiB the first time it is written: filling a fresh 400 MB buffer took 6x as long as
     refilling a used one."""
 
-    def __init__(self, numel: int, wire_dtype: torch.dtype):
+    def __init__(self, tensors: list[int], params: list[torch.Tensor], wire_dtype: torch.dtype):
+        self.tensors = set(tensors)                  # what this shard may send back
+        numel = sum(params[t].numel() for t in tensors)
         self.send = torch.empty(numel, dtype=wire_dtype)
         self.inbox = np.empty(4 * numel, np.uint8)   # room for every tensor as float32
 
-    def receive(self, stream) -> tuple[pb.TensorHeader, torch.Tensor]:
-        """Reads a TensorHeader + chunks stream; the values stay in their wire dtype, in a
-        view of this buffer that the next receive overwrites."""
+    def receive(self, stream, params: list[torch.Tensor]) -> pb.TensorHeader:
+        """Reads a TensorHeader + chunks stream into the parameters it names."""
         it = iter(stream)
         first = next(it)
         if isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
             raise OptserveError("the shard's reply did not start with a header")
         header = first.header
-        if header.dtype not in _TORCH_WIRE or header.total_bytes > len(self.inbox) \
-                or header.total_bytes % WIRE_ITEMSIZE[header.dtype]:
+        targets = [params[t] for t in header.tensors if t in self.tensors]
+        itemsize = WIRE_ITEMSIZE.get(header.dtype, 0)
+        if header.dtype not in _TORCH_WIRE or len(targets) != len(header.tensors) \
+                or header.total_bytes != itemsize * sum(p.numel() for p in targets):
             raise OptserveError(f"the shard's reply announces {header.total_bytes} bytes of "
-                                f"dtype {header.dtype}, which this worker's tensors cannot hold")
-        raw = Assembler(header.total_bytes, "shard reply", out=self.inbox[:header.total_bytes])
+                                f"dtype {header.dtype} for tensors {list(header.tensors)}, "
+                                "which do not match this worker's tensors")
+        reply = _WriteBack(header.total_bytes, targets, self.inbox[:header.total_bytes],
+                           _TORCH_WIRE[header.dtype])
         for msg in it:
             if not isinstance(msg, RawChunk):
                 raise OptserveError("the shard's reply has a second header")
-            raw.add(msg)
-        values = torch.from_numpy(raw.finish()).view(_TORCH_WIRE[header.dtype])
-        return header, values
+            reply.add(msg)
+        reply.finish()
+        return header
+
+
+class _WriteBack(Assembler):
+    """A reply payload that goes into the parameters as it arrives: each chunk's whole
+    values are copied into their tensors while the next chunk is on its way, instead of
+    all of them after the last one. `buf` holds the bytes in the wire dtype."""
+
+    def __init__(self, total_bytes: int, targets: list[torch.Tensor], buf: np.ndarray,
+                 wire: torch.dtype):
+        super().__init__(total_bytes, "shard reply", out=buf)
+        self.values = torch.from_numpy(buf).view(wire)
+        self.itemsize = self.values.element_size()
+        self.targets = targets
+        self.ends = list(itertools.accumulate(p.numel() for p in targets))
+        self.k = 0          # the first tensor not yet written whole
+        self.written = 0    # values written back so far
+
+    def _land(self, data: np.ndarray) -> None:
+        super()._land(data)
+        self._write_up_to((self.filled + len(data)) // self.itemsize)
+
+    def _write_up_to(self, end: int) -> None:
+        """Writes the values before `end` that are not yet in their tensors."""
+        while self.k < len(self.targets):
+            p, stop = self.targets[self.k], self.ends[self.k]
+            hi = min(stop, end)
+            if hi < stop and not p.is_contiguous():
+                return   # a strided tensor goes in one piece once all of it is here
+            if hi > self.written:
+                start = stop - p.numel()
+                if p.is_contiguous():
+                    p.data.view(-1)[self.written - start:hi - start].copy_(
+                        self.values[self.written:hi])
+                else:
+                    p.data.copy_(self.values[start:stop].view(p.shape))
+                self.written = hi
+            if hi < stop:
+                return
+            self.k += 1
 
 
 def _warn_if_unbalanced(spec: pb.JobSpec, home: list[int], num_shards: int) -> None:

@@ -1,6 +1,7 @@
-"""The shard's payload handling (server/payloads.py): decoding chunks into place as they
-arrive, however the chunks cut the elements, and reusing reply buffers only once nothing
-reads them."""
+"""Payload handling on both ends: the shard (server/payloads.py) decodes gradient chunks into
+place as they arrive, however the chunks cut the elements, and reuses reply buffers only
+once nothing reads them; the worker (client/remote.py) writes reply chunks into its
+parameters as they arrive."""
 from __future__ import annotations
 
 import gc
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from optserve.client import InvalidArgument
+from optserve.client import InvalidArgument, OptserveError
+from optserve.client.remote import _Buffers
 from optserve.kernels import reference
+from optserve.proto.spec import DTYPE_NAMES
+from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
 from optserve.server.payloads import Decoder, SnapshotPool
 
@@ -80,3 +84,41 @@ def test_a_snapshot_buffer_is_reused_only_when_nothing_reads_it():
     gc.collect()
     third, fourth = pool.take(1000), pool.take(1000)
     assert {id(third.base), id(fourth.base)} == {id(a), id(b)}, "released buffers not reused"
+
+
+def reply_stream(tensors: list[int], payload: bytes, wire: str, chunk: int) -> list:
+    header = pb.TensorHeader(version=1, tensors=tensors, total_bytes=len(payload),
+                             dtype=DTYPE_NAMES[wire])
+    return [pb.TensorStream(header=header), *chunked(payload, chunk)]
+
+
+def worker_params() -> list[torch.Tensor]:
+    """Contiguous, empty and strided (a transposed view) tensors."""
+    return [torch.zeros(7, 5), torch.zeros(0), torch.zeros(30, 11).t(), torch.zeros(3),
+            torch.zeros(1000)]
+
+
+@pytest.mark.parametrize("wire", list(TORCH))
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_reply_is_written_into_the_parameters_whatever_the_chunk_boundaries(wire, chunk):
+    params = worker_params()
+    mine = [0, 1, 2, 4]                         # tensor 3 lives on another shard
+    sent = [torch.randn(params[t].shape) for t in mine]
+    payload = wire_bytes(torch.cat([v.reshape(-1) for v in sent]).numpy(), wire)
+    buffers = _Buffers(mine, params, TORCH[wire])
+    header = buffers.receive(reply_stream(mine, payload, wire, chunk), params)
+    assert list(header.tensors) == mine
+    for t, v in zip(mine, sent):   # torch's own cast of the whole tensor is the oracle
+        assert torch.equal(params[t], v.to(TORCH[wire]).float())
+    assert torch.equal(params[3], torch.zeros(3))
+
+
+@pytest.mark.parametrize("tensors, extra", [([0, 3], 0), ([0, 2], 4), ([0, 2], -4)],
+                         ids=["another-shards-tensor", "too-long", "too-short"])
+def test_reply_that_does_not_fit_the_tensors_is_refused_before_writing(tensors, extra):
+    params = worker_params()
+    size = sum(params[t].numel() for t in tensors) * 4 + extra
+    stream = reply_stream(tensors, b"\x01" * size, "float32", 64)
+    with pytest.raises(OptserveError, match="do not match this worker's tensors"):
+        _Buffers([0, 1, 2, 4], params, torch.float32).receive(stream, params)
+    assert all(not p.any() for p in params)
