@@ -17,7 +17,7 @@ from numba import njit
 
 from optserve.kernels import reference
 
-_kernel = njit(cache=True)
+_kernel = njit(cache=True, nogil=True)
 
 _U32_MASK = np.uint64(0xFFFFFFFF)
 _F32_EXPONENT = np.uint32(0x7F800000)

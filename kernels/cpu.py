@@ -41,6 +41,9 @@ from numba import njit, prange
 from optserve.kernels.layout import FlatLayout, FlatState
 
 name = "cpu"
+# A step may be taken in several calls over disjoint sets of tensors at no extra cost: the
+# state is stepped in place where it lies (the server streams each part as it is done).
+STEPS_IN_PARTS = True
 
 F32 = np.float32
 
@@ -79,12 +82,12 @@ NOT_PROJECTED, CHANNEL, LAYER = 0, 1, 2
 # makes x/0 give inf/nan as NumPy does, instead of a Python-style zero check that would
 # also keep LLVM from vectorising every loop that divides. fastmath stays off: the
 # float32 results must round exactly as the reference's.
-_kernel = njit(parallel=True, fastmath=False, cache=True, error_model="numpy")
-_inline = njit(fastmath=False, cache=True, error_model="numpy")
+_kernel = njit(parallel=True, fastmath=False, cache=True, error_model="numpy", nogil=True)
+_inline = njit(fastmath=False, cache=True, error_model="numpy", nogil=True)
 # float64 sums only: additions may be reordered (so they vectorise) and a multiply fused
 # with the add that follows it (the float64 statistics come out no less accurate); no
 # float32 result passes through these helpers.
-_reduce = njit(fastmath={"reassoc", "contract"}, cache=True, error_model="numpy")
+_reduce = njit(fastmath={"reassoc", "contract"}, cache=True, error_model="numpy", nogil=True)
 
 # Kernel calls are serialised: each already uses every core, and numba's workqueue
 # threading layer (the fallback when neither TBB nor OpenMP is present) aborts on

@@ -61,6 +61,8 @@ import numpy as np
 from optserve.kernels.layout import FlatLayout, FlatState
 
 name = "cuda"
+# Host state is uploaded and copied back whole on every call, so a step is one call.
+STEPS_IN_PARTS = False
 
 # ---------------------------------------------------------------------------------------
 # Constants shared by the host code and the kernels (emitted into SOURCE as #defines)

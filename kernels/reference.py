@@ -19,6 +19,7 @@ import numpy as np
 
 F32 = np.float32
 name = "reference"
+STEPS_IN_PARTS = True   # see optserve.kernels.cpu
 
 
 def _f(x: float) -> np.float32:

@@ -41,11 +41,13 @@ class Checkpointer:
         # Job names are user strings: encode them into one safe path component.
         return self.root / base64.urlsafe_b64encode(job.encode()).decode().rstrip("=")
 
-    def save(self, job) -> pathlib.Path:
-        """Writes the job's current state atomically; call with the job's lock held."""
+    def save(self, job, version: int, worker_steps: dict[int, int]) -> pathlib.Path:
+        """Writes the job's state, which is that of `version`, atomically. Call it where
+        nothing else writes the state: with the job's lock held and no step running, or
+        from the step that produced `version`."""
         directory = self.job_dir(job.name)
         directory.mkdir(parents=True, exist_ok=True)
-        stem = f"{job.version:012d}"
+        stem = f"{version:012d}"
         tensors = {"param": job.state.param, "steps": job.state.steps}
         tensors.update({f"state.{k}": v for k, v in job.state.fields.items()})
         blob = st_save(tensors)
@@ -53,9 +55,9 @@ class Checkpointer:
             "format": FORMAT,
             "job": job.name,
             "shard": job.shard,
-            "version": job.version,
+            "version": version,
             "spec": base64.b64encode(job.spec.SerializeToString(deterministic=True)).decode(),
-            "worker_steps": {str(w): s for w, s in job.worker_step.items()},
+            "worker_steps": {str(w): s for w, s in worker_steps.items()},
             "tensors_file": f"{stem}.safetensors",
             "sha256": hashlib.sha256(blob).hexdigest(),
             "bytes": len(blob),

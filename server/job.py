@@ -6,6 +6,11 @@ workers has sent this step -> average in rank order -> one backend call over the
 -> version += 1 -> answer everyone with the same snapshot of the updated parameters.
 Nothing touches the state before the whole request has been validated, so a refused
 request changes nothing.
+
+A step whose reply spans several chunks runs on the job's stepper thread, in parts of
+whole tensors: each part is stepped, its parameters are encoded into the reply, and the
+handlers stream that part while the next one is stepped (Result.chunks). Until it is
+done, everything else that reads or writes the state waits (_wait_idle).
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -24,13 +30,17 @@ from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, Invalid
                                    NotFound)
 from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES, dtype_name, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, RawChunk
-from optserve.server.payloads import Decoder, SnapshotPool
+from optserve.proto.wire import CHUNK_BYTES, Assembler, RawChunk, chunked
+from optserve.server.payloads import Decoder, Progress, SnapshotPool
 
 log = logging.getLogger("optserve.server")
 
 # Why a gradient was received but not applied; a closed set (metric labels use it).
 LATE, STALE, NONFINITE, ROLLED_BACK = "late", "stale", "nonfinite", "rolled_back"
+
+# A step on the stepper thread runs in parts of at least one reply chunk, and at most this
+# many: each part is one backend call.
+MAX_PARTS = 16
 
 
 @dataclass
@@ -42,6 +52,14 @@ class Result:
     dtype: int = pb.FLOAT32
     dropped: str = ""             # "" when applied, else LATE, STALE or ROLLED_BACK
     last_step: int = 0
+    progress: Progress | None = None   # while the step still writes the payload
+
+    def chunks(self) -> Iterator[RawChunk]:
+        """The payload in chunks, each as soon as the step has written it."""
+        for chunk in chunked(self.payload):
+            if self.progress is not None:
+                self.progress.wait(chunk.offset + len(chunk.data))
+            yield chunk
 
 
 @dataclass
@@ -72,6 +90,21 @@ class StepReport:
     groups: list[pb.Hyperparameters]
     workers: int
     staleness: int
+    version: int                  # the version the step produced
+
+
+@dataclass
+class StepWork:
+    """A step as decided under the job's lock, for _run_step to carry out."""
+    version: int
+    contributions: dict[int, Contribution]
+    skip: bool                    # a non-finite gradient under the skip policy: no arithmetic
+    active: np.ndarray            # bool per local tensor: what is stepped
+    shown: np.ndarray             # local tensors whose parameters the reply carries, in order
+    hyper: dict[str, np.ndarray]
+    stats: bool                   # whether the observer wants the float64 step sums
+    result: Result
+    checkpoint: dict[int, int] | None   # worker steps, when a checkpoint is due at `version`
 
 
 class NoObserver:
@@ -123,9 +156,19 @@ class Job:
         self.observer = observer or NoObserver()
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
+        # While a step runs on the stepper, `pending` > 0 and `reading` names the workers
+        # whose gradient buffers it still reads.
+        self.pending = 0
+        self.reading: set[int] = set()
+        self._stepper: ThreadPoolExecutor | None = None
+
+    def _wait_idle(self) -> None:
+        """Waits until no step is running on the stepper. Call with the lock held."""
+        self.cond.wait_for(lambda: self.pending == 0)
 
     def restore(self, version: int, state: FlatState, worker_steps: dict[int, int]) -> None:
         """Takes a checkpoint's state as the job's own. Call with the lock held (or unshared)."""
+        self._wait_idle()
         for name, buf in [("param", state.param), *state.fields.items()]:
             mine = self.state.param if name == "param" else self.state.fields.get(name)
             if mine is None or mine.shape != buf.shape:
@@ -145,7 +188,8 @@ class Job:
         if self.checkpointer is None:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
         with self.cond:
-            self.checkpointer.save(self)
+            self._wait_idle()
+            self.checkpointer.save(self, self.version, self.worker_step)
             return self.version
 
     def roll_back(self, version: int) -> int:
@@ -236,6 +280,7 @@ class Job:
         with self.cond:
             if version <= self.version:
                 return None
+            self._wait_idle()
             self.observer.skipped(self, ROLLED_BACK)
             log.info("job %r: worker %d is at version %d, the job at %d: rolled back",
                      self.name, worker, version, self.version)
@@ -273,6 +318,7 @@ class Job:
         self.observer.members_changed(self)
         if not self.sync:
             self.worker_step[c.worker] = c.step
+        self._wait_idle()
         all_local = np.arange(self.layout.num_tensors)
         result = Result(self.version, list(self.tensors),
                         self._snapshot(all_local, self.param_dtype), self.param_dtype, reason)
@@ -289,6 +335,8 @@ class Job:
                 f"got {dtype_name(header.dtype)}")
         local = self._local_indices(header.tensors)
         groups = self._check_groups(header.groups)
+        with self.cond:   # the last step may still read this worker's buffer
+            self.cond.wait_for(lambda: header.worker not in self.reading)
         grad = self.grads.get(header.worker)
         if grad is None:
             grad = self.grads[header.worker] = np.empty(self.layout.numel, np.float32)
@@ -386,38 +434,114 @@ class Job:
             f"waiting for workers {missing}; nothing was applied, retry the step")
 
     def _finish(self, rnd: Round) -> Result:
-        """Runs the optimizer on the round's averaged gradient. Called with the lock held."""
-        if any(c.nonfinite for c in rnd.contributions.values()):
-            return self._skip(rnd)
-        grad, active = self._average(rnd.contributions)
+        """Takes the round's step: the decisions here, the arithmetic in _run_step. A step
+        whose reply fits one chunk runs inline; a larger one on the stepper thread, so its
+        reply starts streaming after its first part. Called with the lock held."""
+        skip = any(c.nonfinite for c in rnd.contributions.values())
+        if skip:
+            self.observer.skipped(self, NONFINITE)
+        active = np.zeros(self.layout.num_tensors, bool)
+        if not skip:
+            for c in rnd.contributions.values():
+                active[c.local] = True
+        shown = np.arange(self.layout.num_tensors) if skip else np.flatnonzero(active)
         first = rnd.contributions[min(rnd.contributions)]
-        self.state.steps[active] += 1
-        start = time.perf_counter()
-        hyper = self._hyper_arrays(first.groups, first.staleness)
-        stats = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, active, hyper,
-                                  stats=self.observer.wants_stats(self))
-        seconds = time.perf_counter() - start
+        stats = not skip and self.observer.wants_stats(self)
         self.version += 1
-        stepped = np.flatnonzero(active)
-        result = Result(self.version, [self.tensors[k] for k in stepped],
-                        self._snapshot(stepped, self.param_dtype), self.param_dtype)
+        itemsize = WIRE_ITEMSIZE[self.param_dtype]
+        result = Result(self.version, [self.tensors[k] for k in shown],
+                        self.snapshots.take(self.payload_bytes(shown, itemsize)),
+                        self.param_dtype, NONFINITE if skip else "")
+        inline = (self.pending == 0 and len(result.payload) <= CHUNK_BYTES
+                  or not self.backend.STEPS_IN_PARTS)
+        if not inline:
+            result.progress = Progress()
         self._settle(rnd, result)
-        self.observer.stepped(self, StepReport(seconds, active, stats, first.groups,
-                                               len(rnd.contributions), first.staleness))
-        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self.checkpointer.save(self)
+        due = not skip and self.checkpoint_every and self.version % self.checkpoint_every == 0
+        work = StepWork(self.version, dict(rnd.contributions), skip, active, shown,
+                        self._hyper_arrays(first.groups, first.staleness), stats, result,
+                        dict(self.worker_step) if due else None)
+        if inline:
+            self._run_step(work)
+        else:
+            self.pending += 1
+            self.reading |= set(work.contributions)
+            if self._stepper is None:
+                self._stepper = ThreadPoolExecutor(1, thread_name_prefix=f"optserve-step-{self.name}")
+            self._stepper.submit(self._run_step, work)
         return result
 
-    def _skip(self, rnd: Round) -> Result:
-        """A step with a non-finite gradient under the skip policy: the version moves on,
-        parameters and state do not. Called with the lock held."""
-        self.observer.skipped(self, NONFINITE)
-        self.version += 1
-        result = Result(self.version, list(self.tensors),
-                        self._snapshot(np.arange(self.layout.num_tensors), self.param_dtype),
-                        self.param_dtype, NONFINITE)
-        self._settle(rnd, result)
-        return result
+    def _run_step(self, work: StepWork) -> None:
+        """Steps the tensors part by part, writing each part's parameters into the reply as
+        soon as it is done, then reports and checkpoints. The reply's last part is released
+        only then, so a worker whose step has returned sees its metrics and checkpoint. On
+        the stepper, it ends by letting the next step (or any reader of the state) go."""
+        progress = work.result.progress
+        try:
+            stats, seconds = self._step_parts(work)
+            if not work.skip:
+                first = work.contributions[min(work.contributions)]
+                self.observer.stepped(self, StepReport(
+                    seconds, work.active, stats, first.groups, len(work.contributions),
+                    first.staleness, work.version))
+            if work.checkpoint is not None:
+                self.checkpointer.save(self, work.version, work.checkpoint)
+        except BaseException as exc:
+            if progress is None:
+                raise
+            log.exception("job %r: step to version %d failed", self.name, work.version)
+            progress.fail(exc)
+            self._forget(work)
+        else:
+            if progress is not None:
+                progress.advance(len(work.result.payload))
+        finally:
+            if progress is not None:
+                with self.cond:
+                    self.pending -= 1
+                    self.reading -= set(work.contributions)
+                    self.cond.notify_all()
+
+    def _forget(self, work: StepWork) -> None:
+        """Takes a failed step's result out of the retry cache: a retry is then a late step
+        and gets the parameters as they are, not the failure again."""
+        with self.cond:
+            for w in work.contributions:
+                if self.results.get(w, (0, None))[1] is work.result:
+                    del self.results[w]
+
+    def _step_parts(self, work: StepWork) -> tuple[dict, float]:
+        """The step's arithmetic and its reply; returns the backend's per-tensor statistics
+        and the seconds spent in the backend."""
+        progress, payload = work.result.progress, work.result.payload
+        stats, seconds, pos = {}, 0.0, 0
+        if not work.skip:
+            grad = self._average(work.contributions, work.active)
+            self.state.steps[work.active] += 1
+        parts = self._parts(work.shown, WIRE_ITEMSIZE[self.param_dtype])
+        for i, part in enumerate(parts):
+            if not work.skip:
+                mask = np.zeros(self.layout.num_tensors, bool)
+                mask[part] = True
+                start = time.perf_counter()
+                out = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, mask,
+                                        work.hyper, stats=work.stats)
+                seconds += time.perf_counter() - start
+                _merge_stats(stats, out, mask)
+            pos = self._encode(part, self.param_dtype, payload, pos)
+            if progress is not None and i < len(parts) - 1:   # the last waits for _run_step
+                progress.advance(pos)
+        return stats, seconds
+
+    def _parts(self, local: np.ndarray, itemsize: int) -> list[np.ndarray]:
+        """`local` as runs of whole tensors of at least one reply chunk each (one run when
+        the backend steps in one call), each stepped and sent as soon as it is done."""
+        if not self.backend.STEPS_IN_PARTS:
+            return [local]
+        nbytes = self.layout.sizes[local] * itemsize
+        target = max(CHUNK_BYTES, int(nbytes.sum()) // MAX_PARTS)
+        part = (np.cumsum(nbytes) - nbytes) // target   # where each tensor starts
+        return np.split(local, np.flatnonzero(np.diff(part)) + 1)
 
     def _settle(self, rnd: Round, result: Result) -> None:
         """Hands the round's result to its workers and the retry cache."""
@@ -429,14 +553,11 @@ class Job:
             self.round = None
         self.cond.notify_all()
 
-    def _average(self, contributions: dict[int, Contribution]) -> tuple[np.ndarray, np.ndarray]:
+    def _average(self, contributions: dict[int, Contribution], active: np.ndarray) -> np.ndarray:
         """Mean gradient per tensor over the workers that sent it, summed in rank order."""
         ranks = sorted(contributions)
-        active = np.zeros(self.layout.num_tensors, bool)
-        for w in ranks:
-            active[contributions[w].local] = True
         if len(ranks) == 1:
-            return contributions[ranks[0]].grad, active
+            return contributions[ranks[0]].grad
         if self.mean_grad is None:
             self.mean_grad = np.empty(self.layout.numel, np.float32)
         total = self.mean_grad
@@ -458,7 +579,7 @@ class Job:
             for k in np.flatnonzero(active):
                 o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
                 total[o:o + n] /= np.float32(count[k])
-        return total, active
+        return total
 
     def _hyper_arrays(self, groups: list[pb.Hyperparameters], staleness: int) -> dict[str, np.ndarray]:
         """Per-tensor float64 arrays of every hyperparameter, from per-group values."""
@@ -470,26 +591,29 @@ class Job:
 
     def _snapshot(self, local: np.ndarray, dtype: int) -> np.ndarray:
         """The parameters of the `local` tensors, back to back as `dtype` bytes."""
+        out = self.snapshots.take(self.payload_bytes(local, WIRE_ITEMSIZE[dtype]))
+        self._encode(local, dtype, out, 0)
+        return out
+
+    def _encode(self, local: np.ndarray, dtype: int, out: np.ndarray, pos: int) -> int:
+        """Writes the parameters of the `local` tensors into `out` from byte `pos` on, as
+        `dtype`; returns where they end."""
         itemsize, fmt = WIRE_ITEMSIZE[dtype], WIRE_NAMES[dtype]
-        out = self.snapshots.take(self.payload_bytes(local, itemsize))
-        if len(local) == self.layout.num_tensors:
-            convert.encode(self.state.param, fmt, out)
-            return out
-        pos = 0
-        for k in local:
-            o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
+        for o, n in self._runs(local):
             convert.encode(self.state.param[o:o + n], fmt, out[pos:pos + n * itemsize])
             pos += n * itemsize
-        return out
+        return pos
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:
         with self.cond:
+            self._wait_idle()
             return Result(self.version, list(self.tensors),
                           self._snapshot(np.arange(self.layout.num_tensors), pb.FLOAT32))
 
     def state_header_and_payload(self) -> tuple[pb.StateHeader, bytes]:
         with self.cond:
+            self._wait_idle()
             header = pb.StateHeader(job=self.name, optimizer=self.spec.optimizer,
                                     version=self.version, tensors=self.tensors,
                                     steps=[int(s) for s in self.state.steps])
@@ -546,6 +670,7 @@ class Job:
                                       f"{self.spec.tensors[key[0]].name!r}")
             values[key] = arr
         with self.cond:
+            self._wait_idle()
             for (t, name), arr in values.items():
                 self.layout.field_view(self.state, name, self.local_of[t]).reshape(-1)[:] = arr
             for k, s in zip(local, header.steps):
@@ -561,6 +686,15 @@ def _hyper_value(h: pb.Hyperparameters, key: str) -> float:
     if key == "adafactor_beta1":
         return h.adafactor_beta1 if h.HasField("adafactor_beta1") else math.nan
     return float(getattr(h, key))
+
+
+def _merge_stats(into: dict, part: dict, mask: np.ndarray) -> None:
+    """Takes the per-tensor statistics of the tensors in `mask` from one part of a step."""
+    if not into:
+        into.update(part)
+        return
+    for key, values in part.items():
+        into[key][mask] = values[mask]
 
 
 def _drain(chunks: Iterable[RawChunk]) -> None:

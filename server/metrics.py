@@ -164,7 +164,7 @@ class MetricsRecorder:
         """`report` is the job's StepReport for the step just taken."""
         name = job.name
         self.m.steps.labels(name).inc()
-        self.m.version.labels(name).set(job.version)
+        self.m.version.labels(name).set(report.version)
         self.m.step_seconds.labels(name, "compute").observe(report.compute_seconds)
         if job.spec.mode == pb.ASYNC:
             self.m.staleness.labels(name).observe(report.staleness)
@@ -178,7 +178,7 @@ class MetricsRecorder:
             clip = report.stats["clip"][active]
             self.m.clip_ratio.labels(name).set(float(clip.mean()))
             self.m.clipped_tensors.labels(name).set(int((clip > 1).sum()))
-        if self._refreshes(job.version):   # the stats asked for in wants_stats
+        if self._refreshes(report.version):   # the stats asked for in wants_stats
             self._tensor_gauges(job, report)
 
     def _tensor_gauges(self, job, report) -> None:

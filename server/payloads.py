@@ -99,3 +99,30 @@ class SnapshotPool:
             if len(spare) < self.keep:
                 spare.append(base)
 
+
+
+class Progress:
+    """How much of a reply payload a running step has written, for the readers that stream
+    it meanwhile: each chunk goes out as soon as its parameters are stepped and encoded."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._ready = 0
+        self._error: BaseException | None = None
+
+    def advance(self, nbytes: int) -> None:
+        with self._cond:
+            self._ready = nbytes
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def wait(self, nbytes: int) -> None:
+        """Returns once the first `nbytes` are written; raises if the step failed first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready >= nbytes or self._error is not None)
+            if self._ready < nbytes:
+                raise RuntimeError(f"the step failed before its reply was written: {self._error!r}")

@@ -16,7 +16,7 @@ from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound
                                    ResourceExhausted)
 from optserve.proto.spec import dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, RawChunk, chunked
+from optserve.proto.wire import Assembler, RawChunk
 from optserve.server.job import Job, Result
 
 log = logging.getLogger("optserve.server")
@@ -58,7 +58,7 @@ class ShardStore:
         as the send phase."""
         job = self.job(header.job)
         result = job.step(header, body)
-        return result, _timed_send(job, result.payload)
+        return result, _timed_send(job, result)
 
     def _check_limits(self, spec: pb.JobSpec, local: list[int]) -> None:
         """Refuses a new job that would take the shard over a limit, before allocating it."""
@@ -212,7 +212,7 @@ def _log_registered(job: Job) -> None:
              job.layout.state_bytes() / 1e6, job.backend.name)
 
 
-def _timed_send(job: Job, payload: bytes) -> Iterator[RawChunk]:
+def _timed_send(job: Job, result: Result) -> Iterator[RawChunk]:
     start = time.perf_counter()
-    yield from chunked(payload)
-    job.observer.sent(job, len(payload), time.perf_counter() - start)
+    yield from result.chunks()
+    job.observer.sent(job, len(result.payload), time.perf_counter() - start)

@@ -1,0 +1,96 @@
+"""Steps taken in parts on the job's stepper thread while their replies stream out
+(server/job.py). A part is at least one reply chunk (4 MiB), so only large steps take that
+path; here parts are 4 KiB, the small models of the oracle tests elsewhere take it, and
+those tests run again against their oracles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import make_data, make_model
+from optserve.client import Internal, RemoteOptimizer
+from optserve.kernels import cpu
+from optserve.server import ShardServer
+from optserve.server import job as job_module
+from optserve.server.checkpoint import Checkpointer
+from test_cluster import (test_backup_worker_lets_steps_proceed_and_drops_late_gradients,  # noqa: F401
+                          test_bfloat16_parameters_on_the_wire,
+                          test_concurrent_duplicates_of_one_step_apply_once,
+                          test_low_precision_gradients_on_the_wire,
+                          test_sync_two_workers_match_local_averaged_gradient)
+from test_errors import test_nonfinite_skip_policy_skips_and_counts_the_step  # noqa: F401
+from test_metrics import metered, test_per_tensor_metrics_match_float64_math  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch):
+    """4 KiB parts, and a check that the test's steps did run on the stepper."""
+    started = []
+
+    class CountedProgress(job_module.Progress):
+        def __init__(self):
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(job_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(job_module, "Progress", CountedProgress)
+    yield
+    assert started, "no step ran on the stepper"
+
+
+def train(model, opt, steps: int) -> None:
+    x, y = make_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_checkpoints_written_by_the_stepper_hold_their_version(tmp_path):
+    """A checkpoint due at a step is written by that step's stepper run: each one holds the
+    parameters of its own version, against torch's AdamW taken as many steps."""
+    server = ShardServer("127.0.0.1", 0, device="cpu", checkpoint_dir=str(tmp_path),
+                         checkpoint_every=1).start()
+    try:
+        model, ref_model = make_model(), make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address],
+                              job="ckpt", lr=1e-2)
+        ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+        reader = Checkpointer(tmp_path, keep=3)
+        for version in range(1, 4):
+            train(model, opt, 1)
+            train(ref_model, ref, 1)
+            manifest, _spec, state = reader.load_version("ckpt", version)
+            assert manifest["version"] == version and manifest["worker_steps"] == {"0": version}
+            flat = torch.cat([q.detach().reshape(-1) for q in ref_model.parameters()])
+            torch.testing.assert_close(torch.from_numpy(state.param), flat, rtol=1e-5, atol=1e-6)
+        opt.close()
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard, monkeypatch):
+    """A backend failure halfway through a step (a fault no input can cause, so the backend
+    is made to raise) ends the call with INTERNAL and does not wedge the job: reads wait
+    only for the failed step, its retry is answered as a late step, and the next step runs."""
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="fails",
+                          lr=1e-2, rpc_timeout=30)
+    step, calls = cpu.step, []
+
+    def second_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no room for the second part")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "step", second_call_fails)
+    with pytest.raises(Internal, match="the step failed before its reply was written"):
+        train(model, opt, 1)
+    monkeypatch.setattr(cpu, "step", step)
+    opt.pull_parameters()
+    job = shard.store.job("fails")
+    assert job.version == 1 and job.pending == 0 and not job.reading
+    train(model, opt, 2)
+    assert opt.dropped_steps == 1 and job.version == 2
+    opt.close()
