@@ -516,11 +516,11 @@ class Job:
         progress, payload = work.result.progress, work.result.payload
         stats, seconds, pos = {}, 0.0, 0
         if not work.skip:
-            grad = self._average(work.contributions, work.active)
             self.state.steps[work.active] += 1
         parts = self._parts(work.shown, WIRE_ITEMSIZE[self.param_dtype])
         for i, part in enumerate(parts):
             if not work.skip:
+                grad = self._average(work.contributions, part)
                 mask = np.zeros(self.layout.num_tensors, bool)
                 mask[part] = True
                 start = time.perf_counter()
@@ -553,33 +553,30 @@ class Job:
             self.round = None
         self.cond.notify_all()
 
-    def _average(self, contributions: dict[int, Contribution], active: np.ndarray) -> np.ndarray:
-        """Mean gradient per tensor over the workers that sent it, summed in rank order."""
+    def _average(self, contributions: dict[int, Contribution], part: np.ndarray) -> np.ndarray:
+        """The gradient of the `part` tensors: one worker's own buffer, or the mean over the
+        workers that sent each tensor, summed in rank order. Averaging part by part keeps
+        each part's gradients in the cache for the kernel that follows."""
         ranks = sorted(contributions)
         if len(ranks) == 1:
             return contributions[ranks[0]].grad
         if self.mean_grad is None:
             self.mean_grad = np.empty(self.layout.numel, np.float32)
-        total = self.mean_grad
-        total[:] = 0
-        count = np.zeros(self.layout.num_tensors, np.int64)
-        same = all(np.array_equal(contributions[w].local, contributions[ranks[0]].local) for w in ranks)
-        for w in ranks:
-            c = contributions[w]
-            if same:
-                total += c.grad
-            else:
-                for k in c.local:
-                    o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
-                    total[o:o + n] += c.grad[o:o + n]
-            count[c.local] += 1
-        if same:
-            total /= np.float32(len(ranks))
+        sent = np.zeros((len(ranks), self.layout.num_tensors), bool)
+        for i, w in enumerate(ranks):
+            sent[i, contributions[w].local] = True
+        if sent[:, part].all():   # the usual case: every worker sent every tensor
+            spans = [(o, n, ranks) for o, n in self._runs(part)]
         else:
-            for k in np.flatnonzero(active):
-                o, n = int(self.layout.offsets[k]), int(self.layout.sizes[k])
-                total[o:o + n] /= np.float32(count[k])
-        return total
+            spans = [(int(self.layout.offsets[k]), int(self.layout.sizes[k]),
+                      [w for i, w in enumerate(ranks) if sent[i, k]]) for k in part]
+        for o, n, senders in spans:
+            mean = self.mean_grad[o:o + n]
+            np.copyto(mean, contributions[senders[0]].grad[o:o + n])
+            for w in senders[1:]:
+                mean += contributions[w].grad[o:o + n]
+            mean /= np.float32(len(senders))
+        return self.mean_grad
 
     def _hyper_arrays(self, groups: list[pb.Hyperparameters], staleness: int) -> dict[str, np.ndarray]:
         """Per-tensor float64 arrays of every hyperparameter, from per-group values."""

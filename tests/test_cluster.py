@@ -194,6 +194,36 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_sync_mean_is_over_the_workers_that_sent_each_tensor(shard):
+    """Sync, 2 workers, where worker 1 sends no gradient for one tensor at one step: that
+    tensor steps with worker 0's gradient alone, the others with the mean of both, against
+    torch's AdamW fed exactly that."""
+    models, ref_model = [make_model(), make_model()], make_model()
+    opts = [RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address], job="subsets",
+                            rank=r, world_size=2, lr=1e-2) for r, m in enumerate(models)]
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    torch.manual_seed(3)
+    for step in range(4):
+        grads = [[torch.randn(p.shape) for p in ref_model.parameters()] for _ in range(2)]
+        missing = 1 if step == 2 else None       # worker 1 has no gradient for tensor 1
+        for r, m in enumerate(models):
+            for k, p in enumerate(m.parameters()):
+                p.grad = None if (r, k) == (1, missing) else grads[r][k].clone()
+        for k, q in enumerate(ref_model.parameters()):
+            q.grad = grads[0][k].clone() if k == missing else (grads[0][k] + grads[1][k]) / 2
+        threads = [threading.Thread(target=o.step) for o in opts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ref.step()
+    for m in models:
+        for p, q in zip(m.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for o in opts:
+        o.close()
+
+
 @pytest.mark.parametrize("grad_dtype,torch_dtype", [("bfloat16", torch.bfloat16),
                                                     ("float16", torch.float16)])
 def test_low_precision_gradients_on_the_wire(shard, grad_dtype, torch_dtype):

@@ -17,6 +17,7 @@ from test_cluster import (test_backup_worker_lets_steps_proceed_and_drops_late_g
                           test_bfloat16_parameters_on_the_wire,
                           test_concurrent_duplicates_of_one_step_apply_once,
                           test_low_precision_gradients_on_the_wire,
+                          test_sync_mean_is_over_the_workers_that_sent_each_tensor,
                           test_sync_two_workers_match_local_averaged_gradient)
 from test_errors import test_nonfinite_skip_policy_skips_and_counts_the_step  # noqa: F401
 from test_metrics import metered, test_per_tensor_metrics_match_float64_math  # noqa: F401
