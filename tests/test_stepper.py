@@ -1,6 +1,6 @@
 """Steps taken in parts on the job's stepper thread while their replies stream out
 (server/job.py). A part is at least one reply chunk (4 MiB), so only large steps take that
-path; here parts are 4 KiB, the small models of the oracle tests elsewhere take it, and
+path; here parts are 16 bytes, the small models of the oracle tests elsewhere take it, and
 those tests run again against their oracles."""
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from optserve.kernels import cpu
 from optserve.server import ShardServer
 from optserve.server import job as job_module
 from optserve.server.checkpoint import Checkpointer
-from test_cluster import (test_backup_worker_lets_steps_proceed_and_drops_late_gradients,  # noqa: F401
+from test_cluster import (test_async_workers_train_to_target,  # noqa: F401
+                          test_backup_worker_lets_steps_proceed_and_drops_late_gradients,
                           test_bfloat16_parameters_on_the_wire,
                           test_concurrent_duplicates_of_one_step_apply_once,
                           test_low_precision_gradients_on_the_wire,
+                          test_staleness_bound_drops_stale_gradients_and_scales_lr,
                           test_sync_mean_is_over_the_workers_that_sent_each_tensor,
                           test_sync_two_workers_match_local_averaged_gradient)
 from test_errors import test_nonfinite_skip_policy_skips_and_counts_the_step  # noqa: F401
@@ -25,7 +27,7 @@ from test_metrics import metered, test_per_tensor_metrics_match_float64_math  # 
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch):
-    """4 KiB parts, and a check that the test's steps did run on the stepper."""
+    """16-byte parts, and a check that the test's steps did run on the stepper."""
     started = []
 
     class CountedProgress(job_module.Progress):
@@ -33,7 +35,7 @@ def small_parts(monkeypatch):
             super().__init__()
             started.append(self)
 
-    monkeypatch.setattr(job_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(job_module, "CHUNK_BYTES", 16)
     monkeypatch.setattr(job_module, "Progress", CountedProgress)
     yield
     assert started, "no step ran on the stepper"
