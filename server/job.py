@@ -160,11 +160,18 @@ class Job:
         # whose gradient buffers it still reads.
         self.pending = 0
         self.reading: set[int] = set()
+        self.idle_waiters = 0     # threads in _wait_idle; new steps wait for them (_apply)
         self._stepper: ThreadPoolExecutor | None = None
 
     def _wait_idle(self) -> None:
-        """Waits until no step is running on the stepper. Call with the lock held."""
-        self.cond.wait_for(lambda: self.pending == 0)
+        """Waits until no step is running on the stepper. Call with the lock held. While it
+        waits, no new step starts, or a busy async job would never be idle."""
+        self.idle_waiters += 1
+        try:
+            self.cond.wait_for(lambda: self.pending == 0)
+        finally:
+            self.idle_waiters -= 1
+            self.cond.notify_all()
 
     def restore(self, version: int, state: FlatState, worker_steps: dict[int, int]) -> None:
         """Takes a checkpoint's state as the job's own. Call with the lock held (or unshared)."""
@@ -197,6 +204,7 @@ class Job:
         if self.checkpointer is None:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
         with self.cond:
+            self._wait_idle()   # the stepper writes (and prunes) checkpoints
             if version == self.version:
                 return version
             if version not in self.checkpointer.versions(self.name):
@@ -294,19 +302,21 @@ class Job:
             if self.sync:
                 ok = header.step <= self.version + 1   # earlier ones are late, not wrong
                 expected = self.version + 1
-            else:
+            else:   # the last step again: its result was forgotten (_forget), so it is late
                 expected = self.worker_step.get(worker, 0) + 1
-                ok = header.step == expected
+                ok = expected - 1 <= header.step <= expected
             if not ok:
                 raise FailedPrecondition(
                     f"job {self.name!r}: step {header.step} from worker {worker} is out of order; "
                     f"the job is at version {self.version} and expects step {expected}")
 
     def _drop_reason(self, c: Contribution, version: int) -> str:
-        """LATE for a sync step already taken without this worker, STALE for an async gradient
-        older than max_staleness. Called with the lock held."""
+        """LATE for a step already taken (in sync mode, without this worker), STALE for an
+        async gradient older than max_staleness. Called with the lock held."""
         if self.sync:
             return LATE if c.step <= self.version else ""
+        if c.step <= self.worker_step.get(c.worker, 0):
+            return LATE
         c.staleness = self.version - version
         if self.spec.HasField("max_staleness") and c.staleness > self.spec.max_staleness:
             return STALE
@@ -402,6 +412,7 @@ class Job:
 
     def _apply(self, c: Contribution) -> Result:
         with self.cond:
+            self.cond.wait_for(lambda: not self.idle_waiters)
             if not self.sync:
                 return self._finish(Round(c.step, {c.worker: c}))
             self.members.add(c.worker)
@@ -447,29 +458,40 @@ class Job:
         shown = np.arange(self.layout.num_tensors) if skip else np.flatnonzero(active)
         first = rnd.contributions[min(rnd.contributions)]
         stats = not skip and self.observer.wants_stats(self)
-        self.version += 1
+        version = self.version + 1
         itemsize = WIRE_ITEMSIZE[self.param_dtype]
-        result = Result(self.version, [self.tensors[k] for k in shown],
+        result = Result(version, [self.tensors[k] for k in shown],
                         self.snapshots.take(self.payload_bytes(shown, itemsize)),
                         self.param_dtype, NONFINITE if skip else "")
+        due = not skip and self.checkpoint_every and version % self.checkpoint_every == 0
+        steps_after = {**self.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
+        work = StepWork(version, dict(rnd.contributions), skip, active, shown,
+                        self._hyper_arrays(first.groups, first.staleness), stats, result,
+                        steps_after if due else None)
         inline = (self.pending == 0 and len(result.payload) <= CHUNK_BYTES
                   or not self.backend.STEPS_IN_PARTS)
-        if not inline:
-            result.progress = Progress()
-        self._settle(rnd, result)
-        due = not skip and self.checkpoint_every and self.version % self.checkpoint_every == 0
-        work = StepWork(self.version, dict(rnd.contributions), skip, active, shown,
-                        self._hyper_arrays(first.groups, first.staleness), stats, result,
-                        dict(self.worker_step) if due else None)
         if inline:
-            self._run_step(work)
+            self._run_step(work)   # a failure raises here, before anything is settled
         else:
-            self.pending += 1
-            self.reading |= set(work.contributions)
-            if self._stepper is None:
-                self._stepper = ThreadPoolExecutor(1, thread_name_prefix=f"optserve-step-{self.name}")
-            self._stepper.submit(self._run_step, work)
+            result.progress = Progress()
+        self.version = version
+        self._settle(rnd, result)
+        if not inline:
+            self._submit(work)
         return result
+
+    def _submit(self, work: StepWork) -> None:
+        """Hands a settled step to the stepper thread. Called with the lock held."""
+        if self._stepper is None:
+            self._stepper = ThreadPoolExecutor(1, thread_name_prefix=f"optserve-step-{self.name}")
+        try:
+            self._stepper.submit(self._run_step, work)
+        except RuntimeError as exc:   # the interpreter is shutting down
+            self._forget(work)
+            work.result.progress.fail(exc)
+            raise
+        self.pending += 1
+        self.reading |= set(work.contributions)
 
     def _run_step(self, work: StepWork) -> None:
         """Steps the tensors part by part, writing each part's parameters into the reply as
@@ -484,15 +506,14 @@ class Job:
                 self.observer.stepped(self, StepReport(
                     seconds, work.active, stats, first.groups, len(work.contributions),
                     first.staleness, work.version))
-            if work.checkpoint is not None:
-                self.checkpointer.save(self, work.version, work.checkpoint)
         except BaseException as exc:
             if progress is None:
                 raise
             log.exception("job %r: step to version %d failed", self.name, work.version)
-            progress.fail(exc)
             self._forget(work)
+            progress.fail(exc)
         else:
+            self._checkpoint(work)
             if progress is not None:
                 progress.advance(len(work.result.payload))
         finally:
@@ -502,9 +523,19 @@ class Job:
                     self.reading -= set(work.contributions)
                     self.cond.notify_all()
 
+    def _checkpoint(self, work: StepWork) -> None:
+        """Writes the checkpoint due at this step, if one is. A failed write is logged, not
+        raised: the step itself is taken, and the next due step tries again."""
+        if work.checkpoint is None:
+            return
+        try:
+            self.checkpointer.save(self, work.version, work.checkpoint)
+        except Exception:
+            log.exception("job %r: checkpoint at version %d failed", self.name, work.version)
+
     def _forget(self, work: StepWork) -> None:
         """Takes a failed step's result out of the retry cache: a retry is then a late step
-        and gets the parameters as they are, not the failure again."""
+        (_drop_reason) and gets the parameters as they are, not the failure again."""
         with self.cond:
             for w in work.contributions:
                 if self.results.get(w, (0, None))[1] is work.result:
@@ -515,8 +546,6 @@ class Job:
         and the seconds spent in the backend."""
         progress, payload = work.result.progress, work.result.payload
         stats, seconds, pos = {}, 0.0, 0
-        if not work.skip:
-            self.state.steps[work.active] += 1
         parts = self._parts(work.shown, WIRE_ITEMSIZE[self.param_dtype])
         for i, part in enumerate(parts):
             if not work.skip:
@@ -524,8 +553,13 @@ class Job:
                 mask = np.zeros(self.layout.num_tensors, bool)
                 mask[part] = True
                 start = time.perf_counter()
-                out = self.backend.step(self.spec.optimizer, self.layout, self.state, grad, mask,
-                                        work.hyper, stats=work.stats)
+                self.state.steps[part] += 1
+                try:
+                    out = self.backend.step(self.spec.optimizer, self.layout, self.state, grad,
+                                            mask, work.hyper, stats=work.stats)
+                except BaseException:
+                    self.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
+                    raise
                 seconds += time.perf_counter() - start
                 _merge_stats(stats, out, mask)
             pos = self._encode(part, self.param_dtype, payload, pos)

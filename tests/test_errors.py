@@ -210,6 +210,38 @@ def test_client_raises_with_the_server_message(shard):
         opt.step()
 
 
+def test_a_step_that_fails_inline_is_neither_applied_nor_cached(shard, monkeypatch):
+    """A backend failure in a small step (a fault no input can cause, so the backend is made
+    to raise) is INTERNAL, and nothing is settled: the version stays, no worker is answered
+    from it, and the step sent again is applied once, as torch's AdamW takes one step."""
+    from optserve.client import Internal
+    from optserve.kernels import cpu
+
+    x, y = make_data()
+    model, ref_model = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="inline",
+                          lr=1e-2)
+    step = cpu.step
+
+    def fails(*args, **kwargs):
+        raise MemoryError("no room")
+
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    monkeypatch.setattr(cpu, "step", fails)
+    with pytest.raises(Internal, match="no room"):
+        opt.step()
+    assert shard.store.job("inline").version == 0 and not shard.store.job("inline").results
+    monkeypatch.setattr(cpu, "step", step)
+    opt.step()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+    ref.step()
+    assert shard.store.job("inline").version == 1
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    opt.close()
+
+
 def test_retried_step_is_applied_once(job):
     """The same (job, worker, step) sent twice: same answer, state stepped once."""
     opt, stub = job

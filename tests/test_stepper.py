@@ -4,6 +4,9 @@ path; here parts are 16 bytes, the small models of the oracle tests elsewhere ta
 those tests run again against their oracles."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -72,13 +75,15 @@ def test_checkpoints_written_by_the_stepper_hold_their_version(tmp_path):
         server.stop(grace=0)
 
 
-def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard, monkeypatch):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard, monkeypatch,
+                                                                          mode):
     """A backend failure halfway through a step (a fault no input can cause, so the backend
     is made to raise) ends the call with INTERNAL and does not wedge the job: reads wait
     only for the failed step, its retry is answered as a late step, and the next step runs."""
     model = make_model()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="fails",
-                          lr=1e-2, rpc_timeout=30)
+                          mode=mode, lr=1e-2, rpc_timeout=30)
     step, calls = cpu.step, []
 
     def second_call_fails(*args, **kwargs):
@@ -97,3 +102,44 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
     train(model, opt, 2)
     assert opt.dropped_steps == 1 and job.version == 2
     opt.close()
+
+
+def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
+    """Three async workers keep the stepper busy without a pause (each backend call is
+    slowed to make sure of it); pulls and state reads still get their turn."""
+    step = cpu.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.005)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "step", slow_step)
+    models = [make_model() for _ in range(3)]
+    opts = [RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address], job="busy",
+                            rank=r, world_size=3, mode="async", lr=1e-3)
+            for r, m in enumerate(models)]
+    stop = threading.Event()
+
+    def work(m, o):
+        while not stop.is_set():
+            train(m, o, 1)
+
+    threads = [threading.Thread(target=work, args=mo) for mo in zip(models, opts)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        reader = RemoteOptimizer(make_model().parameters(), "adamw", servers=[shard.address],
+                                 job="busy", rank=0, world_size=3, mode="async", lr=1e-3,
+                                 rpc_timeout=10, retries=0)
+        before = shard.store.job("busy").version
+        for _ in range(3):
+            reader.pull_parameters()
+            reader.state_dict()
+        assert shard.store.job("busy").version > before   # the workers kept stepping
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for o in opts:
+        o.close()
