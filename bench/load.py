@@ -1,10 +1,16 @@
-"""`optserve bench load`: 32 concurrent workers against 2 shards for a bounded time.
+"""`optserve bench load`: many concurrent workers against 2 shards for a bounded time.
 
-8 sync jobs of 4 workers each; every job spreads over both shards. Workers are threads in
-4 processes (one RemoteOptimizer and connection set per worker), so 32 workers fit on a
-2-core machine. Each worker sets fixed random gradients and calls step() until the time is
-up. Reported: steps/s, p50/p99 step latency, errors (target 0), and the shards' resident
-memory sampled every second (target: flat).
+Two scenarios, each with fresh shards:
+  many-workers  32 workers: 8 sync jobs of 4, small models (82k parameters), so steps are
+                short and the shards juggle many connections and barriers at once;
+  stepper       8 workers: 2 sync jobs of 4, models of 4.2M parameters (~8 MB of reply per
+                shard), so that every step runs in parts on the shards' stepper threads
+                while its reply streams.
+Every job spreads over both shards. Workers are threads in 4 processes (one RemoteOptimizer
+and connection set per worker), so they fit on a 2-core machine. Each worker sets fixed
+random gradients and calls step() until the time is up. Reported: steps/s, p50/p99 step
+latency, errors (target 0), and the shards' resident memory sampled every second (target:
+flat).
 """
 from __future__ import annotations
 
@@ -19,10 +25,32 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from optserve.bench._common import RESULTS_DIR, device_description, percentile, today
 
-JOBS, WORKERS_PER_JOB, PROCESSES = 8, 4, 4
+PROCESSES = 4
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    jobs: int
+    workers_per_job: int
+    layers: tuple[tuple[int, int], ...]    # (in, out) of each Linear layer of a worker's model
+    share: float                           # of the run's time
+
+    @property
+    def workers(self) -> int:
+        return self.jobs * self.workers_per_job
+
+    @property
+    def params(self) -> int:
+        return sum(i * o + o for i, o in self.layers)
+
+
+SCENARIOS = [Scenario("many-workers", 8, 4, ((256, 256), (256, 64)), 1.0),
+             Scenario("stepper", 2, 4, ((1024, 2048), (2048, 1024)), 0.4)]
 
 
 def start_shard() -> tuple[subprocess.Popen, str]:
@@ -42,23 +70,24 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def worker_process(index: int, servers: list[str], seconds: float, out) -> None:
-    """WORKERS_PER_JOB * JOBS / PROCESSES worker threads; puts (latencies, errors)."""
+def worker_process(index: int, servers: list[str], seconds: float, scenario: Scenario,
+                   out) -> None:
+    """The scenario's workers / PROCESSES worker threads; puts (latencies, errors)."""
     import torch
     from optserve.client import RemoteOptimizer
     torch.set_num_threads(1)
-    per_process = JOBS * WORKERS_PER_JOB // PROCESSES
+    per_process = scenario.workers // PROCESSES
     latencies, errors = [], []
     lock = threading.Lock()
     start = threading.Barrier(per_process)
 
     def one_worker(slot: int) -> None:
         global_id = index * per_process + slot
-        job, rank = divmod(global_id, WORKERS_PER_JOB)
+        job, rank = divmod(global_id, scenario.workers_per_job)
         torch.manual_seed(job)
-        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 64))
+        model = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in scenario.layers))
         opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job=f"load-{job}",
-                              rank=rank, world_size=WORKERS_PER_JOB, timeout=60.0)
+                              rank=rank, world_size=scenario.workers_per_job, timeout=60.0)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         start.wait()
@@ -86,18 +115,26 @@ def worker_process(index: int, servers: list[str], seconds: float, out) -> None:
 
 def main(args: argparse.Namespace) -> int:
     seconds = 20.0 if args.quick else float(os.environ.get("OPTSERVE_LOAD_SECONDS", 300))
+    reports = [run(scenario, seconds * scenario.share) for scenario in SCENARIOS]
+    write(reports, pathlib.Path(args.out) if args.out else RESULTS_DIR)
+    for report in reports:
+        print(json.dumps({k: v for k, v in report.items() if k != "memory_mb"}, indent=1))
+    return 0 if not any(r["errors"] for r in reports) else 1
+
+
+def run(scenario: Scenario, seconds: float) -> dict:
     shards = [start_shard() for _ in range(2)]
     servers = [address for _, address in shards]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker_process, args=(i, servers, seconds, out))
+    procs = [ctx.Process(target=worker_process, args=(i, servers, seconds, scenario, out))
              for i in range(PROCESSES)]
     memory = []
     began = time.monotonic()
     for p in procs:
         p.start()
-    print(f"load: {JOBS * WORKERS_PER_JOB} workers ({JOBS} sync jobs x {WORKERS_PER_JOB}) "
-          f"against 2 shards for {seconds:.0f}s")
+    print(f"load, {scenario.name}: {scenario.workers} workers ({scenario.jobs} sync jobs x "
+          f"{scenario.workers_per_job}) against 2 shards for {seconds:.0f}s")
     results = []
     while len(results) < len(procs):
         memory.append((round(time.monotonic() - began, 1), [rss_mb(s.pid) for s, _ in shards]))
@@ -112,21 +149,19 @@ def main(args: argparse.Namespace) -> int:
         s.wait(30)
     latencies = [x for lat, _ in results for x in lat]
     errors = [e for _, err in results for e in err]
-    report = summarize(latencies, errors, memory, seconds)
-    write(report, pathlib.Path(args.out) if args.out else RESULTS_DIR)
-    print(json.dumps({k: v for k, v in report.items() if k != "memory_mb"}, indent=1))
-    return 0 if not errors else 1
+    return summarize(scenario, latencies, errors, memory, seconds)
 
 
-def summarize(latencies, errors, memory, seconds) -> dict:
+def summarize(scenario: Scenario, latencies, errors, memory, seconds) -> dict:
     # Memory after warm-up (the first 10% of the run) against the end: flat means no growth.
     steady = [m for t, m in memory if t >= 0.1 * seconds] or [m for _, m in memory]
     first, last = steady[0], steady[-1]
     return {
-        "device": device_description(), "date": today(),
-        "workers": JOBS * WORKERS_PER_JOB, "jobs": JOBS, "shards": 2, "seconds": seconds,
+        "scenario": scenario.name, "device": device_description(), "date": today(),
+        "workers": scenario.workers, "jobs": scenario.jobs, "params": scenario.params,
+        "shards": 2, "seconds": seconds,
         "steps": len(latencies), "worker_steps_per_s": len(latencies) / seconds,
-        "job_steps_per_s": len(latencies) / seconds / WORKERS_PER_JOB,
+        "job_steps_per_s": len(latencies) / seconds / scenario.workers_per_job,
         "p50_ms": 1e3 * percentile(latencies, 50), "p99_ms": 1e3 * percentile(latencies, 99),
         "errors": len(errors), "error_samples": errors[:5],
         "shard_rss_mb_after_warmup": first, "shard_rss_mb_end": last,
@@ -135,16 +170,20 @@ def summarize(latencies, errors, memory, seconds) -> dict:
     }
 
 
-def write(report: dict, out: pathlib.Path) -> None:
+def write(reports: list[dict], out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(report, indent=1))
-    rss = ", ".join(f"{a:.0f} -> {b:.0f} MB" for a, b in zip(report["shard_rss_mb_after_warmup"],
-                                                         report["shard_rss_mb_end"]))
-    (out / "load.md").write_text(
-        f"# optserve bench load\n\n{report['date']}, {report['device']}.\n\n"
-        f"{report['workers']} workers ({report['jobs']} sync AdamW jobs of {WORKERS_PER_JOB} "
-        f"workers, 82k parameters each) against 2 shards for {report['seconds']:.0f} s.\n\n"
-        "| steps/s (worker) | steps/s (job) | p50 step | p99 step | errors | shard RSS after warm-up -> end |\n"
-        "|---|---|---|---|---|---|\n"
-        f"| {report['worker_steps_per_s']:.0f} | {report['job_steps_per_s']:.0f} | "
-        f"{report['p50_ms']:.1f} ms | {report['p99_ms']:.1f} ms | {report['errors']} | {rss} |\n")
+    (out / "load.json").write_text(json.dumps(reports, indent=1))
+    lines = [f"# optserve bench load\n\n{reports[0]['date']}, {reports[0]['device']}.\n\n"
+             "Sync AdamW jobs of 4 workers each, every job spread over 2 shards; each scenario "
+             "with fresh shards (see bench/load.py).\n\n"
+             "| scenario | workers | parameters per job | seconds | steps/s (worker) | "
+             "steps/s (job) | p50 step | p99 step | errors | shard RSS after warm-up -> end |\n"
+             "|---|---|---|---|---|---|---|---|---|---|\n"]
+    for r in reports:
+        rss = ", ".join(f"{a:.0f} -> {b:.0f} MB"
+                        for a, b in zip(r["shard_rss_mb_after_warmup"], r["shard_rss_mb_end"]))
+        lines.append(f"| {r['scenario']} | {r['workers']} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['seconds']:.0f} | {r['worker_steps_per_s']:.1f} | "
+                     f"{r['job_steps_per_s']:.1f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+                     f"{r['errors']} | {rss} |\n")
+    (out / "load.md").write_text("".join(lines))
