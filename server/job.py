@@ -2,8 +2,8 @@
 
 A Step goes: validate the header -> receive every chunk into a buffer -> decode and check
 the gradient -> admit it (in order? late? too stale?) -> [sync] wait until the quorum of
-workers has sent this step -> average in rank order -> one backend call over the flat state
--> version += 1 -> answer everyone with the same snapshot of the updated parameters.
+workers has sent this step -> average in rank order -> the backend call(s) over the flat
+state -> version += 1 -> answer everyone with the same snapshot of the updated parameters.
 Nothing touches the state before the whole request has been validated, so a refused
 request changes nothing.
 
