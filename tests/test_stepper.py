@@ -1,7 +1,8 @@
 """Steps taken in parts on the job's stepper thread while their replies stream out
 (server/job.py). A part is at least one reply chunk (4 MiB), so only large steps take that
-path; here parts are 16 bytes, the small models of the oracle tests elsewhere take it, and
-those tests run again against their oracles."""
+path; here the floor is 16 bytes (the cap of 16 parts a step still holds), so the small
+models of the oracle tests elsewhere take it, and those tests run again against their
+oracles."""
 from __future__ import annotations
 
 import threading
@@ -30,7 +31,7 @@ from test_metrics import metered, test_per_tensor_metrics_match_float64_math  # 
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch):
-    """16-byte parts, and a check that the test's steps did run on the stepper."""
+    """Parts of 16 bytes or more, and a check that the test's steps did run on the stepper."""
     started = []
 
     class CountedProgress(job_module.Progress):
