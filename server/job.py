@@ -304,7 +304,7 @@ class Job:
                 expected = self.version + 1
             else:   # the last step again: its result was forgotten (_forget), so it is late
                 expected = self.worker_step.get(worker, 0) + 1
-                ok = expected - 1 <= header.step <= expected
+                ok = header.step == expected or 1 <= header.step == expected - 1
             if not ok:
                 raise FailedPrecondition(
                     f"job {self.name!r}: step {header.step} from worker {worker} is out of order; "

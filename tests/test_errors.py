@@ -152,6 +152,24 @@ def test_step_out_of_order(job):
             grpc.StatusCode.FAILED_PRECONDITION, "out of order")
 
 
+def test_async_step_zero_or_ahead_is_out_of_order(shard):
+    """Async steps count from 1, one after another: step 0 and a skipped step are refused."""
+    x, y = make_data()
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job=JOB,
+                          mode="async", lr=1e-2)
+    with grpc.insecure_channel(shard.address) as channel:
+        stub = pb_grpc.OptimizerStub(channel)
+        for steps_taken in range(2):
+            for step in (0, steps_taken + 2):
+                refused(stub, lambda: send_step(stub, step_header(opt, step=step),
+                                                grad_bytes(opt)),
+                        grpc.StatusCode.FAILED_PRECONDITION, "out of order")
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    opt.close()
+
+
 def test_step_for_a_finished_sync_step_is_dropped(job):
     """A gradient for a step the job already took is late: counted, not applied."""
     opt, stub = job
