@@ -128,7 +128,8 @@ class Case:
 # ---- worker processes (module-level so that spawn can import them) -------------------------
 def _pool_worker(rank: int, inbox, outbox, barrier) -> None:
     """A pool process: runs fn(rank, case, target, barrier) for every (fn, case, target) it is
-    sent and reports (rank, step seconds, None) or (rank, None, traceback); None stops it."""
+    sent and reports (rank, its `_timed_steps` report, None) or (rank, None, traceback); None
+    stops it."""
     import torch
     # One thread each: on a small machine that other jobs share, a two-thread OpenMP region
     # stalls whenever one core is taken (a 10M fused AdamW step went from 5 ms to 700 ms).
@@ -142,16 +143,36 @@ def _pool_worker(rank: int, inbox, outbox, barrier) -> None:
             outbox.put((rank, None, traceback.format_exc()))
 
 
-def _timed_steps(case: Case, barrier, step: Callable[[], None]) -> list[float]:
-    """Warm-up and timed calls of step(), each after every worker reached the barrier."""
+def _timed_steps(case: Case, barrier, step: Callable[[], None], rank: int,
+                 server_pids: list[int]) -> dict:
+    """Warm-up and timed calls of step(), each after every worker reached the barrier.
+    Returns the timed steps' durations and the CPU they cost: this process's (every thread,
+    gRPC's own included) and, from rank 0 only so that it is counted once, the servers'."""
     times = []
     for i in range(case.warmup + case.steps):
         barrier.wait()
+        if i == case.warmup:
+            cpu0, servers0 = time.process_time(), _servers_cpu(server_pids, rank)
         start = time.perf_counter()
         step()
         if i >= case.warmup:
             times.append(time.perf_counter() - start)
-    return times
+    cpu = time.process_time() - cpu0
+    barrier.wait()  # every worker's last step is done: the servers' work for it too
+    return dict(times=times, cpu_s=cpu, server_cpu_s=_servers_cpu(server_pids, rank) - servers0)
+
+
+def _servers_cpu(pids: list[int], rank: int) -> float:
+    """CPU seconds the server processes have used so far (user + system, all threads), read
+    from /proc; 0 except on rank 0."""
+    if rank != 0:
+        return 0.0
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        total += int(fields[11]) + int(fields[12])         # utime, stime: fields 14 and 15
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 _PARAMS: dict[tuple[str, int], list] = {}
@@ -174,19 +195,20 @@ def _make_params(case: Case, rank: int):
     return _PARAMS[key]
 
 
-def optserve_worker(rank: int, case: Case, target: tuple[list[str], str], barrier) -> list[float]:
+def optserve_worker(rank: int, case: Case, target: tuple[Endpoints, str], barrier) -> dict:
     from optserve.client import RemoteOptimizer
     servers, job = target
-    opt = RemoteOptimizer(_make_params(case, rank), "adamw", servers=servers, job=job, rank=rank,
+    opt = RemoteOptimizer(_make_params(case, rank), "adamw", servers=servers.addresses, job=job,
+                          rank=rank,
                           world_size=case.workers, grad_dtype=case.wire_dtype,
                           param_dtype=case.wire_dtype, **HYPER)
     try:
-        return _timed_steps(case, barrier, opt.step)
+        return _timed_steps(case, barrier, opt.step, rank, servers.pids)
     finally:
         opt.close()
 
 
-def ceiling_worker(rank: int, case: Case, target: tuple[list[str], bool], barrier) -> list[float]:
+def ceiling_worker(rank: int, case: Case, target: tuple[Endpoints, bool], barrier) -> dict:
     """Streams this worker's gradient bytes to every shard at once and reads the parameter
     bytes back into one contiguous buffer per shard: the least any Step must do. `target` is
     (the echo servers, raw): raw sends prebuilt bytes with identity serializers, else
@@ -198,11 +220,11 @@ def ceiling_worker(rank: int, case: Case, target: tuple[list[str], bool], barrie
     # Built once: the ceiling pays for no tensor-to-bytes conversion, only for gRPC.
     payloads = [_random_chunks(n, seed=rank) for n in sizes]
     inboxes = [np.empty(n, np.uint8) for n in sizes]
-    channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in servers]
+    channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in servers.addresses]
     codec = {} if raw else dict(request_serializer=pb.Chunk.SerializeToString,
                                 response_deserializer=pb.Chunk.FromString)
     calls = [c.stream_stream(ECHO_METHODS[raw], **codec) for c in channels]
-    pool = futures.ThreadPoolExecutor(max_workers=len(servers))
+    pool = futures.ThreadPoolExecutor(max_workers=len(channels))
 
     def exchange(k: int) -> None:
         sizes_md = (("request-bytes", str(sizes[k])), ("reply-bytes", str(sizes[k])))
@@ -216,18 +238,18 @@ def ceiling_worker(rank: int, case: Case, target: tuple[list[str], bool], barrie
             raise RuntimeError(f"echo shard {k} sent {pos} bytes, expected {sizes[k]}")
 
     def step() -> None:
-        for f in [pool.submit(exchange, k) for k in range(len(servers))]:
+        for f in [pool.submit(exchange, k) for k in range(len(channels))]:
             f.result()
 
     try:
-        return _timed_steps(case, barrier, step)
+        return _timed_steps(case, barrier, step, rank, servers.pids)
     finally:
         pool.shutdown()
         for c in channels:
             c.close()
 
 
-def ddp_worker(rank: int, case: Case, target: int, barrier) -> list[float]:
+def ddp_worker(rank: int, case: Case, target: int, barrier) -> dict:
     """DDP's communication without its autograd hooks: gradients live in 25 MiB buckets
     (gradient_as_bucket_view), each bucket is all-reduced asynchronously and averaged, then a
     fused AdamW steps. bfloat16 on the wire is DDP's bf16_compress_hook: cast, all-reduce,
@@ -252,7 +274,7 @@ def ddp_worker(rank: int, case: Case, target: int, barrier) -> list[float]:
                     b.copy_(s)
             opt.step()
 
-        return _timed_steps(case, barrier, step)
+        return _timed_steps(case, barrier, step, rank, [])
     finally:
         dist.destroy_process_group()
 
@@ -335,6 +357,16 @@ def serve_echo(host: str = "127.0.0.1", port: int = 0) -> None:
 
 
 # ---- server subprocesses -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoints:
+    """Where workers find servers, and the processes whose CPU time they read."""
+    addresses: list[str]
+    pids: list[int]
+
+    def first(self, n: int) -> "Endpoints":
+        return Endpoints(self.addresses[:n], self.pids[:n])
+
+
 class Servers:
     """`count` server subprocesses started with `argv`; each must print "listening on ADDR"
     as its first line. Their stderr goes to files in `log_dir`, kept for post-mortems."""
@@ -359,6 +391,10 @@ class Servers:
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.addresses, [p.pid for p in self.procs])
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -411,20 +447,20 @@ class WorkerPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn: Callable, case: Case, target) -> list[list[float]]:
-        """fn on every worker at once; each one's timed step durations (seconds)."""
+    def run(self, fn: Callable, case: Case, target) -> list[dict]:
+        """fn on every worker at once; each one's report (`_timed_steps`), by rank."""
         for inbox in self.inboxes:
             inbox.put((fn, case, target))
-        times: list[list[float] | None] = [None] * self.workers
+        reports: list[dict | None] = [None] * self.workers
         errors, deadline = [], time.monotonic() + RUN_TIMEOUT_S
         for _ in self.procs:
             rank, result, error = self._next_report(deadline)
             if error:
                 errors.append(f"worker {rank}:\n{error}")
-            times[rank] = result
+            reports[rank] = result
         if errors:
             raise RuntimeError(f"{fn.__name__} failed for {case.describe()}:\n" + "\n".join(errors))
-        return times
+        return reports
 
     def _next_report(self, deadline: float):
         """The next report; fails fast when a worker died without one (e.g. out of memory)
@@ -455,19 +491,26 @@ class WorkerPool:
 
 
 # ---- measurements --------------------------------------------------------------------------
-def summarize(impl: str, case: Case, times: list[list[float]], device: str,
+def summarize(impl: str, case: Case, reports: list[dict], device: str,
               shards: int | None) -> dict:
     """One record. Latency is over every worker's steps; the payload rate divides a step's
-    bytes by the median over steps of the slowest worker's time for that step."""
+    bytes by the median over steps of the slowest worker's time for that step. CPU is per
+    timed step, summed over the workers and the servers; `cores_busy` is that over the step
+    time (at most the machine's core count)."""
+    times = [r["times"] for r in reports]
     pooled = [t for ts in times for t in ts]
     per_step = [max(ts[i] for ts in times) for i in range(case.steps)]
     step_s = _common.median(per_step)
+    worker_cpu = sum(r["cpu_s"] for r in reports) / case.steps
+    server_cpu = sum(r["server_cpu_s"] for r in reports) / case.steps
     return dict(impl=impl, params=case.model.numel, params_label=case.model.label,
                 shards=shards, workers=case.workers, wire_dtype=case.wire_dtype, device=device,
                 step_ms_median=1e3 * _common.median(pooled),
                 step_ms_p90=1e3 * _common.percentile(pooled, 90),
                 payload_bytes_per_step=case.payload_bytes_per_step,
                 payload_gb_per_s=case.payload_bytes_per_step / step_s / 1e9,
+                worker_cpu_ms_per_step=1e3 * worker_cpu, server_cpu_ms_per_step=1e3 * server_cpu,
+                cores_busy=(worker_cpu + server_cpu) * case.steps / sum(per_step),
                 steps=case.steps, warmup=case.warmup, ratio_to_ceiling=None, overhead_ms=None,
                 ratio_to_raw_ceiling=None, raw_overhead_ms=None)
 
@@ -477,13 +520,13 @@ def measure_optserve(pool: WorkerPool, case: Case, backend: str, log_dir: Path, 
     """Fresh shards for every measurement: no other job's state shares their memory."""
     with Servers(shard_argv(backend), case.shards, log_dir, f"shard-{tag}") as shards:
         job = f"e2e-{os.getpid()}-{tag}"
-        times = pool.run(optserve_worker, case, (shards.addresses, job))
-    record = summarize(IMPL_OPTSERVE, case, times, device, case.shards)
+        reports = pool.run(optserve_worker, case, (shards.endpoints, job))
+    record = summarize(IMPL_OPTSERVE, case, reports, device, case.shards)
     record["backend"] = backend
     return record
 
 
-def measure_ceiling(pool: WorkerPool, case: Case, echo: list[str], device: str,
+def measure_ceiling(pool: WorkerPool, case: Case, echo: Endpoints, device: str,
                     raw: bool) -> dict:
     return summarize(IMPL_RAW if raw else IMPL_CEILING, case,
                      pool.run(ceiling_worker, case, (echo, raw)), device, case.shards)
@@ -538,7 +581,7 @@ def plan(quick: bool) -> list[Group]:
             for m, w in itertools.product(("1M", "10M", "100M"), (1, 2, 4))]
 
 
-def measure_group(group: Group, echo: list[str], backend: str, log_dir: Path, device: str,
+def measure_group(group: Group, echo: Endpoints, backend: str, log_dir: Path, device: str,
                   tag: str) -> list[dict]:
     """DDP once per wire dtype; both ceilings then optserve, back to back, per shard count."""
     records = []
@@ -547,8 +590,8 @@ def measure_group(group: Group, echo: list[str], backend: str, log_dir: Path, de
             records.append(_logged(measure_ddp(pool, base, device)))
             for shards in shard_counts:
                 case = replace(base, shards=shards)
-                ceiling = _logged(measure_ceiling(pool, case, echo[:shards], device, raw=False))
-                raw = _logged(measure_ceiling(pool, case, echo[:shards], device, raw=True))
+                ceiling = _logged(measure_ceiling(pool, case, echo.first(shards), device, raw=False))
+                raw = _logged(measure_ceiling(pool, case, echo.first(shards), device, raw=True))
                 mine = measure_optserve(pool, case, backend, log_dir, device,
                                         f"{tag}-{case.wire_dtype}-{shards}")
                 compare(mine, ceiling, raw)
@@ -563,7 +606,7 @@ def run_all(quick: bool, log_dir: Path) -> tuple[list[dict], dict]:
     records, started, load_before = [], time.perf_counter(), os.getloadavg()
     with Servers(echo_argv(), max(max(g.shard_counts) for g in groups), log_dir, "echo") as echo:
         for n, group in enumerate(groups):
-            records += measure_group(group, echo.addresses, backend, log_dir, device, str(n))
+            records += measure_group(group, echo.endpoints, backend, log_dir, device, str(n))
     meta = dict(device=device, backend=backend, date=_common.today(), quick=quick,
                 malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                 seconds=round(time.perf_counter() - started, 1),
@@ -616,8 +659,11 @@ def comparison_rows(records: list[dict]) -> list[dict]:
                          wire=r["wire_dtype"], mb=r["payload_bytes_per_step"] / 1e6,
                          ms=r["step_ms_median"], p90=r["step_ms_p90"], gbs=r["payload_gb_per_s"],
                          c_ms=c["step_ms_median"], c_gbs=c["payload_gb_per_s"],
-                         ratio=f"{r['ratio_to_ceiling']:.0%}", over=r["overhead_ms"],
+                         ratio=f"{r['ratio_to_ceiling']:.0%}", rate_ratio=r["ratio_to_ceiling"],
+                         over=r["overhead_ms"],
                          r_ms=raw["step_ms_median"], r_ratio=f"{r['ratio_to_raw_ceiling']:.0%}",
+                         cpu=_cpu_ms(r), c_cpu=_cpu_ms(c), cpu_ratio=f"{_cpu_ms(r) / _cpu_ms(c):.2f}×",
+                         cores=r["cores_busy"],
                          ddp=d.get("step_ms_median"), ddp_p90=d.get("step_ms_p90")))
     return rows
 
@@ -626,8 +672,14 @@ COLUMNS = [("params", "params"), ("shards", "shards"), ("workers", "workers"), (
            ("mb", "MB/step"), ("ms", "optserve ms (median)"), ("p90", "p90"),
            ("gbs", "optserve GB/s"), ("c_ms", "gRPC ceiling ms"), ("c_gbs", "ceiling GB/s"),
            ("ratio", "ratio"), ("over", "overhead ms"), ("r_ms", "raw ceiling ms"),
-           ("r_ratio", "ratio to raw"), ("ddp", "DDP+fused AdamW ms"),
-           ("ddp_p90", "p90")]
+           ("r_ratio", "ratio to raw"), ("cpu", "optserve CPU ms"),
+           ("c_cpu", "ceiling CPU ms"), ("cpu_ratio", "CPU ratio"), ("cores", "cores busy"),
+           ("ddp", "DDP+fused AdamW ms"), ("ddp_p90", "p90")]
+
+
+def _cpu_ms(r: dict) -> float:
+    """CPU per step over every process of a measurement, workers and servers."""
+    return r["worker_cpu_ms_per_step"] + r["server_cpu_ms_per_step"]
 
 
 def findings(records: list[dict], meta: dict) -> str:
@@ -669,11 +721,33 @@ def findings(records: list[dict], meta: dict) -> str:
             f"- DDP (gloo) + a local fused AdamW takes less time per step than optserve in {wins} "
             f"of {len(speedups)} configurations, by {_common.median(speedups):.1f}× at the median "
             f"({speedups[0]:.1f}–{speedups[-1]:.1f}×), on loopback where no network limits either.")
+    lines += _cpu_findings(records)
     lines += _wire_and_shard_effects(mine)
     backend = meta["backend"]
     if backend != "cpu":
         lines.append(f"- Shards ran the `{backend}` backend: `--device cpu` did not start.")
     return "\n".join(lines)
+
+
+def _cpu_findings(records: list[dict]) -> list[str]:
+    """How much more CPU a Step costs than the bare stream, by wire dtype, and for the
+    configurations that miss the payload-rate target."""
+    rows = comparison_rows(records)
+    lines = []
+    for wire in WIRE_DTYPES:
+        xs = sorted(r["cpu"] / r["c_cpu"] for r in rows if r["wire"] == wire)
+        if xs:
+            lines.append(f"- CPU per step (workers and shards together), {wire} on the wire: "
+                         f"optserve used {_common.median(xs):.2f}× the ceiling's at the median "
+                         f"({xs[0]:.2f}–{xs[-1]:.2f}×).")
+    missed = [r for r in rows if r["params"] in ("10M", "100M") and r["rate_ratio"] < 0.8]
+    if missed:
+        xs = sorted(r["cpu"] / r["c_cpu"] for r in missed)
+        cores = sorted(r["cores"] for r in missed)
+        lines.append(f"- Where the rate target is missed ({len(missed)} configurations), optserve "
+                     f"used {xs[0]:.2f}–{xs[-1]:.2f}× the ceiling's CPU per step, with "
+                     f"{cores[0]:.2f}–{cores[-1]:.2f} cores busy on average during the step.")
+    return lines
 
 
 def _wire_and_shard_effects(mine: list[dict]) -> list[str]:
@@ -734,8 +808,11 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
         "no protobuf at all: optserve's own chunk codec (proto/wire.py) writes protobuf's bytes "
         "without protobuf's copies, so this is the stricter comparison. DDP all-reduces the "
         "same gradient (gloo, 25 MiB buckets, bf16 as `bf16_compress_hook` does) then steps "
-        "`torch.optim.AdamW(fused=True)` locally; it has no shards. Worker processes run torch with one thread each, and shards run their "
-        "kernels on one thread (`--threads 1`). Versions: "
+        "`torch.optim.AdamW(fused=True)` locally; it has no shards. *CPU ms* is the CPU time "
+        "per timed step of every process of a measurement, all threads (the workers' own, and "
+        "the shards' or echo servers' from /proc); *cores busy* is that over the step time, "
+        "so at most the machine's core count. Worker processes run torch with one thread each, "
+        "and shards run their kernels on one thread (`--threads 1`). Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + f"; glibc malloc {_malloc_note(meta)}. The run took {meta['seconds']:.0f} s; load "
         f"average (1, 5, 15 min) {_load(meta['loadavg_before'])} before and "
