@@ -1,4 +1,4 @@
-"""Benchmarks: `optserve bench kernels|e2e|load`. Results land in bench/results/ with the device
+"""Benchmarks: `optserve bench kernels|e2e|load|metrics`. Results land in bench/results/ with the device
 name; the README links them. Ratios against peers measured in the same run are what count."""
 from __future__ import annotations
 

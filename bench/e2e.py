@@ -32,9 +32,6 @@ import math
 import multiprocessing
 import os
 import queue
-import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,16 +44,14 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
+from optserve import local
 from optserve.bench import _common
 from optserve.proto.spec import place, tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.wire import CHUNK_BYTES, GRPC_OPTIONS  # the same framing and limits as optserve
 
 WIRE_DTYPES = ("float32", "bfloat16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
-# The same framing optserve uses: 4 MiB chunks less room for the message's own fields.
-CHUNK_BYTES = 4 * 1024 * 1024 - 1024
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
-                ("grpc.max_send_message_length", 8 * 1024 * 1024)]
 ECHO_SERVICE = "optserve.bench.Echo"
 ECHO_METHODS = {False: f"/{ECHO_SERVICE}/Step", True: f"/{ECHO_SERVICE}/StepRaw"}
 DDP_BUCKET_BYTES = 25 * 1024 * 1024        # torch DDP's default bucket_cap_mb
@@ -372,25 +367,18 @@ class Servers:
     as its first line. Their stderr goes to files in `log_dir`, kept for post-mortems."""
 
     def __init__(self, argv: list[str], count: int, log_dir: Path, tag: str):
-        self.procs, self.addresses, self.logs = [], [], []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        logs = [log_dir / f"{tag}-{k}.log" for k in range(count)]
+        self.procs = []
         try:
-            for k in range(count):
-                log_path = log_dir / f"{tag}-{k}.log"
-                with open(log_path, "w") as log:
-                    self.procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log,
-                                                       text=True, env=env))
-                self.logs.append(log_path)
-            for proc, log_path in zip(self.procs, self.logs):
-                line = proc.stdout.readline()
-                match = re.search(r"listening on (\S+)", line)
-                if not match:
-                    raise RuntimeError(f"server did not start ({' '.join(argv)}): {line!r}\n"
-                                       f"{log_path.read_text()[-2000:]}")
-                self.addresses.append(match.group(1))
+            self.procs = [local.launch(argv, log) for log in logs]   # all start at once
+            self.servers = [local.listening(p, log) for p, log in zip(self.procs, logs)]
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.servers]
 
     @property
     def endpoints(self) -> Endpoints:
@@ -401,11 +389,7 @@ class Servers:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            local.stop(proc, timeout=15)
 
     def __enter__(self) -> "Servers":
         return self
@@ -417,18 +401,11 @@ class Servers:
 def shard_argv(backend: str) -> list[str]:
     # One kernel thread, as the workers run torch with one: the processes outnumber the
     # cores, and a parallel region waits for a core that another process holds.
-    return [sys.executable, "-m", "optserve", "server", "--port", "0", "--device", backend,
-            "--threads", "1"]
+    return local.shard_command("--device", backend, "--threads", "1")
 
 
 def echo_argv() -> list[str]:
     return [sys.executable, "-m", "optserve.bench.e2e", "echo-server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- worker pool ---------------------------------------------------------------------------
@@ -533,7 +510,7 @@ def measure_ceiling(pool: WorkerPool, case: Case, echo: Endpoints, device: str,
 
 
 def measure_ddp(pool: WorkerPool, case: Case, device: str) -> dict:
-    return summarize(IMPL_DDP, case, pool.run(ddp_worker, case, free_port()), device, None)
+    return summarize(IMPL_DDP, case, pool.run(ddp_worker, case, local.free_port()), device, None)
 
 
 def compare(optserve: dict, ceiling: dict, raw: dict) -> None:

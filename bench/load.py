@@ -20,14 +20,12 @@ import multiprocessing as mp
 import os
 import pathlib
 import queue
-import re
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from optserve.bench._common import RESULTS_DIR, device_description, percentile, today
+from optserve import local
+from optserve.bench._common import device_description, out_dir, percentile, today
 
 PROCESSES = 4
 
@@ -51,15 +49,6 @@ class Scenario:
 
 SCENARIOS = [Scenario("many-workers", 8, 4, ((256, 256), (256, 64)), 1.0),
              Scenario("stepper", 2, 4, ((1024, 2048), (2048, 1024)), 0.4)]
-
-
-def start_shard() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
-                             "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address = re.search(r"listening on (\S+)", proc.stdout.readline()).group(1)
-    return proc, address
 
 
 def rss_mb(pid: int) -> float:
@@ -116,15 +105,15 @@ def worker_process(index: int, servers: list[str], seconds: float, scenario: Sce
 def main(args: argparse.Namespace) -> int:
     seconds = 20.0 if args.quick else float(os.environ.get("OPTSERVE_LOAD_SECONDS", 300))
     reports = [run(scenario, seconds * scenario.share) for scenario in SCENARIOS]
-    write(reports, pathlib.Path(args.out) if args.out else RESULTS_DIR)
+    write(reports, out_dir(args.out))
     for report in reports:
         print(json.dumps({k: v for k, v in report.items() if k != "memory_mb"}, indent=1))
     return 0 if not any(r["errors"] for r in reports) else 1
 
 
 def run(scenario: Scenario, seconds: float) -> dict:
-    shards = [start_shard() for _ in range(2)]
-    servers = [address for _, address in shards]
+    shards = [local.start(local.shard_command("--device", "cpu")) for _ in range(2)]
+    servers = [s.address for s in shards]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=worker_process, args=(i, servers, seconds, scenario, out))
@@ -137,16 +126,15 @@ def run(scenario: Scenario, seconds: float) -> dict:
           f"{scenario.workers_per_job}) against 2 shards for {seconds:.0f}s")
     results = []
     while len(results) < len(procs):
-        memory.append((round(time.monotonic() - began, 1), [rss_mb(s.pid) for s, _ in shards]))
+        memory.append((round(time.monotonic() - began, 1), [rss_mb(s.proc.pid) for s in shards]))
         try:
             results.append(out.get(timeout=1.0))
         except queue.Empty:  # keep sampling memory
             pass
     for p in procs:
         p.join()
-    for s, _ in shards:
-        s.terminate()
-        s.wait(30)
+    for s in shards:
+        s.stop()
     latencies = [x for lat, _ in results for x in lat]
     errors = [e for _, err in results for e in err]
     return summarize(scenario, latencies, errors, memory, seconds)
@@ -171,7 +159,6 @@ def summarize(scenario: Scenario, latencies, errors, memory, seconds) -> dict:
 
 
 def write(reports: list[dict], out: pathlib.Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(reports, indent=1))
     lines = [f"# optserve bench load\n\n{reports[0]['date']}, {reports[0]['device']}.\n\n"
              "Sync AdamW jobs of 4 workers each, every job spread over 2 shards; each scenario "

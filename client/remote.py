@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -27,7 +27,8 @@ from optserve.proto import optimizers
 from optserve.proto.errors import InvalidArgument, OptserveError, from_rpc_error
 from optserve.proto.spec import DTYPE_NAMES, WIRE_ITEMSIZE, numel, place, tune_malloc
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import CHUNK_BYTES, Assembler, OptimizerStub, RawChunk, chunked
+from optserve.proto.wire import (CHUNK_BYTES, GRPC_OPTIONS, Assembler, OptimizerStub, RawChunk,
+                                 chunked)
 
 if sys.byteorder != "little":  # the wire format is little-endian and we send native bytes
     raise ImportError("optserve.client needs a little-endian machine")
@@ -59,8 +60,6 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # default 12 retries) to ride out a shard restart.
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 4.0
 log = logging.getLogger("optserve.client")
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 8 * 1024 * 1024)]
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -306,15 +305,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _get_state(self, shard: int) -> tuple[pb.StateHeader, bytes]:
         header, parts = None, []
-        try:
-            for msg in self._stubs[shard].GetOptimizerState(
-                    pb.GetOptimizerStateRequest(job=self.job), timeout=self.rpc_timeout):
-                if isinstance(msg, RawChunk):
-                    parts.append(msg.data)
-                else:
-                    header = msg.header
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for msg in self._stubs[shard].GetOptimizerState(
+                pb.GetOptimizerStateRequest(job=self.job), timeout=self.rpc_timeout):
+            if isinstance(msg, RawChunk):
+                parts.append(msg.data)
+            else:
+                header = msg.header
         return header, b"".join(parts)
 
     def _set_state(self, shard: int) -> pb.SetOptimizerStateResponse:
@@ -343,15 +339,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return self._stubs[shard].SetOptimizerState(iter(msgs), timeout=self.rpc_timeout)
 
     # ---- plumbing -----------------------------------------------------------------------
-    def _call_all(self, fn, shards: Iterable[int] | None = None) -> list:
+    def _call_all(self, fn) -> list:
         """Runs fn(shard) on every shard at once; raises the first failure as an OptserveError.
         The last shard's call runs on this thread: a hand-off to the pool and back costs a
         few hundred microseconds on a busy machine, which a one-shard job need not pay."""
-        shards = list(range(len(self._stubs)) if shards is None else shards)
-        futures = [self._pool.submit(fn, k) for k in shards[:-1]]
+        last = len(self._stubs) - 1
+        futures = [self._pool.submit(fn, k) for k in range(last)]
         try:
-            last = [fn(shards[-1])] if shards else []
-            return [f.result() for f in futures] + last
+            mine = fn(last)
+            return [f.result() for f in futures] + [mine]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -400,10 +396,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
 def _channel(address: str, ca: str | None, cert: str | None, key: str | None) -> grpc.Channel:
     if not (ca or cert):
-        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
     read = lambda path: open(path, "rb").read() if path else None
     credentials = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
-    return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from optserve.kernels.layout import HYPER_KEYS, FlatLayout, FlatState
 
-__all__ = ["HYPER_KEYS", "FlatLayout", "FlatState", "get_backend", "available_devices"]
+__all__ = ["HYPER_KEYS", "FlatLayout", "FlatState", "get_backend"]
 
 
 def _cuda_available() -> bool:
@@ -23,10 +23,6 @@ def _cuda_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # no cupy, no driver, or no device: all mean "no GPU here"
         return False
-
-
-def available_devices() -> list[str]:
-    return (["cuda"] if _cuda_available() else []) + ["cpu", "reference"]
 
 
 def get_backend(device: str = "auto"):

@@ -36,14 +36,6 @@ def _copy_f32(src, dst):
 
 
 @_kernel
-def _count_nonfinite_f32(bits):
-    bad = 0
-    for i in range(bits.size):
-        bad += (bits[i] & _F32_EXPONENT) == _F32_EXPONENT
-    return bad
-
-
-@_kernel
 def _decode_bf16(src, dst):
     """dst (float32 bits) = src (bfloat16 bits) << 16; returns the number of non-finite values."""
     bad = 0
@@ -62,11 +54,6 @@ def _encode_bf16(src, dst):
         bits = np.uint64(src[i])
         rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) & _U32_MASK
         dst[i] = np.uint16(rounded >> np.uint64(16))
-
-
-def all_finite(values: np.ndarray) -> bool:
-    """True when every float32 value is finite."""
-    return _count_nonfinite_f32(values.view(np.uint32)) == 0
 
 
 def decode(raw: np.ndarray, wire: str, out: np.ndarray) -> bool:

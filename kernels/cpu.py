@@ -38,6 +38,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from optserve.kernels import coefficients
 from optserve.kernels.layout import FlatLayout, FlatState
 
 name = "cpu"
@@ -686,26 +687,15 @@ def _field(layout: FlatLayout, state: FlatState, name: str) -> tuple[np.ndarray,
 
 
 def _adam_coefficients(h: dict, steps: np.ndarray) -> np.ndarray:
-    """Columns shared by the Adam family: β's, 1/√bc2 and lr/bc1 (formed in float64)."""
+    """Columns shared by the Adam family: β's, √bc2 and lr/bc1 (formed in float64)."""
     coef = np.zeros((len(steps), A_COLUMNS), np.float64)
     b1, b2 = h["beta1"], h["beta2"]
     coef[:, A_SIGN] = coef[:, A_DECAY] = 1.0
     coef[:, A_B1], coef[:, A_C1] = b1, 1.0 - b1
     coef[:, A_B2], coef[:, A_C2] = b2, 1.0 - b2
-    coef[:, A_SBC2] = np.sqrt(1.0 - b2 ** steps)
+    coef[:, A_SBC2], coef[:, A_STEP] = coefficients.adam_bias_correction(h, steps)
     coef[:, A_EPS] = h["eps"]
-    coef[:, A_STEP] = h["lr"] / (1.0 - b1 ** steps)
     return coef
-
-
-def _decoupled_decay(h: dict, active: np.ndarray) -> np.ndarray:
-    """reference.decay_factor per tensor; 1 where weight_decay == 0."""
-    lr, wd, mode = h["lr"], h["weight_decay"], h["weight_decay_mode"]
-    if not np.isin(mode[active], (0, 1, 2)).all():
-        raise ValueError(f"unknown weight decay mode in {np.unique(mode[active])}")
-    lr0 = np.where(h["initial_lr"] != 0, h["initial_lr"], lr)  # `initial_lr or lr`
-    factor = np.select([mode == 0, mode == 1], [1.0 - lr * wd, 1.0 - (lr / lr0) * wd], 1.0 - wd)
-    return np.where(wd != 0, factor, 1.0)
 
 
 STEP_SUMS = ("w2", "wdw", "dw2", "g2")
@@ -730,7 +720,7 @@ def _adam_family(optimizer, layout, state, grad, active, h, steps, out, with_sta
     if optimizer == "adam":  # coupled L2: g ← g + λθ
         coef[:, A_L2_ON], coef[:, A_L2] = h["weight_decay"] != 0, h["weight_decay"]
     else:
-        coef[:, A_DECAY] = _decoupled_decay(h, active)
+        coef[:, A_DECAY] = coefficients.decoupled_decay(h, active)
     m, m_off = _field(layout, state, "exp_avg")
     v, v_off = _field(layout, state, "exp_avg_sq")
     tiles = plan.select(active)
@@ -817,7 +807,7 @@ def _adafactor(layout, state, grad, active, h, steps, out, with_stats):
     col_state, col_off = _field(layout, state, "exp_avg_sq_col")
 
     coef = np.zeros((n_t, F_COLUMNS), np.float64)
-    beta2t = 1.0 - steps ** h["decay_rate"]
+    beta2t = coefficients.adafactor_beta2t(h, steps)
     coef[:, F_EPS1], coef[:, F_B2T], coef[:, F_C2T] = h["eps"], beta2t, 1.0 - beta2t
 
     # Pass 1: Σθ², row/col sums of g² + ε1, and the whole unfactored update.
@@ -831,9 +821,7 @@ def _adafactor(layout, state, grad, active, h, steps, out, with_stats):
     update_sq = np.bincount(tiles[:, TENSOR], sums[:, 1], n_t)
 
     # α_t = max(ε2, RMS(θ_{t−1}))·ρ_t (reference.adafactor_lr).
-    rho = np.where(h["relative_step"] != 0,
-                   np.minimum(np.where(h["warmup_init"] != 0, 1e-6 * steps, 1e-2), 1.0 / np.sqrt(steps)),
-                   h["lr"])
+    rho = coefficients.adafactor_rho(h, steps)
     scale = np.where(h["scale_parameter"] != 0,
                      np.maximum(h["eps2"], np.sqrt(param_sq / layout.sizes)), 1.0)
     alpha = scale * rho

@@ -39,8 +39,9 @@ float16 arrays, and bfloat16 given as uint16 bit patterns (or an ml_dtypes bfloa
 the kernels widen them to float32 on load.
 
 State: `step()` takes a FlatState whose arrays are NumPy (then they are uploaded, stepped
-and copied back: correct, but bound by PCIe) or CuPy device arrays (stepped in place: what
-a shard should keep; see `to_device` / `to_host`).
+and copied back: correct, but bound by PCIe) or CuPy device arrays (stepped in place; see
+`to_device` / `to_host`). A shard's Job still keeps its state in NumPy, so a GPU shard pays
+those transfers on every step; keeping the state on the device is the next step for it.
 
 Importing this module needs no GPU and no CuPy: CuPy is imported, and the module compiled
 (NVRTC, cached by CuPy on disk), on the first step. `SOURCE` is a complete translation
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from optserve.kernels import coefficients
 from optserve.kernels.layout import FlatLayout, FlatState
 
 name = "cuda"
@@ -923,17 +925,14 @@ def _build_plan(layout: FlatLayout, view: str) -> _Plan:
         ti[TI_NDIM] = len(shape)
         ti[TI_KC], ti[TI_KR] = kc, kr
         ti[TI_TILE0] = n_tiles
-        if view == "factored":
-            ti[TI_V] = layout.fields.get("exp_avg_sq", missing)[t]
-            if has_rows:
-                ti[TI_ROW] = layout.fields["exp_avg_sq_row"][t]
-                ti[TI_COL] = layout.fields["exp_avg_sq_col"][t]
-                batches.append(np.stack([np.full(b, t), np.arange(b)], axis=1))
-        else:
-            ti[TI_V] = layout.fields.get("exp_avg_sq", missing)[t]
-            if has_rows:
-                ti[TI_ROW] = n_rows
-                n_rows += b * r
+        ti[TI_V] = layout.fields.get("exp_avg_sq", missing)[t]
+        if view == "factored" and has_rows:
+            ti[TI_ROW] = layout.fields["exp_avg_sq_row"][t]
+            ti[TI_COL] = layout.fields["exp_avg_sq_col"][t]
+            batches.append(np.stack([np.full(b, t), np.arange(b)], axis=1))
+        elif has_rows:
+            ti[TI_ROW] = n_rows
+            n_rows += b * r
         if has_rows:
             ti[TI_RSLOT], ti[TI_CSLOT] = n_row_slots, n_col_slots
             n_row_slots += b * r * kc
@@ -1009,16 +1008,6 @@ def _scratch(rt, dev: dict, key: str, n: int, dtype):
 # Per-tensor coefficients (float64, host) and the per-optimizer drivers
 # ---------------------------------------------------------------------------------------
 
-def _decoupled_decay(h: dict, active: np.ndarray) -> np.ndarray:
-    """reference.decay_factor per tensor; 1 where weight_decay == 0."""
-    lr, wd, mode = h["lr"], h["weight_decay"], h["weight_decay_mode"]
-    if not np.isin(mode[active], (0, 1, 2)).all():
-        raise ValueError(f"unknown weight decay mode in {np.unique(mode[active])}")
-    lr0 = np.where(h["initial_lr"] != 0, h["initial_lr"], lr)  # `initial_lr or lr`
-    factor = np.select([mode == 0, mode == 1], [1.0 - lr * wd, 1.0 - (lr / lr0) * wd], 1.0 - wd)
-    return np.where(wd != 0, factor, 1.0)
-
-
 def _coefficients(optimizer: str, layout: FlatLayout, h: dict, steps: np.ndarray,
                   active: np.ndarray) -> np.ndarray:
     n_t = layout.num_tensors
@@ -1030,29 +1019,24 @@ def _coefficients(optimizer: str, layout: FlatLayout, h: dict, steps: np.ndarray
         coef[:, C_DECAY] = 1.0
         coef[:, C_B1], coef[:, C_C1] = b1, 1.0 - b1
         coef[:, C_B2], coef[:, C_C2] = b2, 1.0 - b2
-        coef[:, C_SBC2] = np.sqrt(1.0 - b2 ** steps)
+        coef[:, C_SBC2], coef[:, C_STEP] = coefficients.adam_bias_correction(h, steps)
         coef[:, C_EPS] = h["eps"]
-        coef[:, C_STEP] = h["lr"] / (1.0 - b1 ** steps)
     if optimizer in ("adamw", "adam"):
         coef[:, C_SIGN] = np.where(h["maximize"] != 0, -1.0, 1.0)
         if optimizer == "adam":  # coupled L2: g <- g + lambda*theta
             coef[:, C_L2_ON], coef[:, C_L2] = h["weight_decay"] != 0, h["weight_decay"]
         else:
-            coef[:, C_DECAY] = _decoupled_decay(h, active)
+            coef[:, C_DECAY] = coefficients.decoupled_decay(h, active)
     elif optimizer == "adamp":
         coef[:, C_NESTEROV] = h["nesterov"]
         coef[:, C_CAND] = [len(s) > 1 for s in layout.shapes]
         coef[:, C_DELTA], coef[:, C_LR] = h["delta"], h["lr"]
         coef[:, C_WD], coef[:, C_WD_RATIO] = h["weight_decay"], h["wd_ratio"]
     else:  # adafactor
-        beta2t = 1.0 - steps ** h["decay_rate"]
+        beta2t = coefficients.adafactor_beta2t(h, steps)
         coef[:, C_EPS] = h["eps"]
         coef[:, C_B2T], coef[:, C_C2T] = beta2t, 1.0 - beta2t
-        # rho_t = min(1e-2 (1e-6*t with warmup_init), 1/sqrt(t)) if relative_step, else lr
-        coef[:, C_RHO] = np.where(
-            h["relative_step"] != 0,
-            np.minimum(np.where(h["warmup_init"] != 0, 1e-6 * steps, 1e-2), 1.0 / np.sqrt(steps)),
-            h["lr"])
+        coef[:, C_RHO] = coefficients.adafactor_rho(h, steps)
         coef[:, C_SCALE_ON], coef[:, C_EPS2] = h["scale_parameter"] != 0, h["eps2"]
         coef[:, C_CLIP_T] = h["clip_threshold"]
         beta1 = h["adafactor_beta1"]

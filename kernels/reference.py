@@ -272,7 +272,6 @@ def step(optimizer, layout, state, grad, active, hyper, *, stats=True):
 # ---- wire formats ------------------------------------------------------------------------------
 # Gradients arrive, and parameters leave, as little-endian float32, bfloat16 or float16; the
 # shard's values are float32. kernels/convert.py is the fast path of these two.
-WIRE_FORMATS = ("float32", "bfloat16", "float16")
 
 
 def decode(raw: np.ndarray, wire: str, out: np.ndarray) -> bool:

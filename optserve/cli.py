@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run one shard")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     server.add_argument("--port", type=int, default=50051)
-    server.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "reference"],
-                        help="optimizer backend; auto picks cuda when a GPU is visible")
+    server.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "reference"],
+                        help="optimizer backend; auto (the default) picks cuda when a GPU is "
+                             "visible, else cpu")
     server.add_argument("--threads", type=int, default=None,
                         help="threads of the CPU kernels (default: one per core); 1 where the "
                              "shard shares its cores with workers")
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens-file", default=None,
                       help='JSON {"job": "token"}: the bearer token each job\'s workers send')
     demo.add_argument("--metrics-port", type=int, default=None,
-                      help="first shard's Prometheus port (shard k uses this + k)")
+                      help="first shard's Prometheus port (shard k uses this + k; default: "
+                           "free ports, printed at the start)")
     demo.add_argument("--compare", action="store_true",
                       help="train a BatchNorm net under Adam+L2, AdamW and AdamP and plot the "
                            "conv weights' norm and effective step")

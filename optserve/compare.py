@@ -87,9 +87,9 @@ def plot(results: list[dict], path: str) -> None:
 def collect(device: str, steps: int, port: int | None = None) -> list[dict]:
     """Trains every run of RUNS through one local shard; returns their per-step curves."""
     import tempfile
-    port = port or _free_port()
     log_dir = tempfile.mkdtemp(prefix="optserve-compare-")
-    shard, address = start_shard(device, os.path.join(log_dir, "shard.log"), port)
+    shard = start_shard(device, os.path.join(log_dir, "shard.log"), port or 0)
+    address, port = shard.address, shard.metrics_port
     print(f"optserve demo --compare: shard {address}, metrics http://127.0.0.1:{port}/metrics")
     try:
         results = []
@@ -99,8 +99,7 @@ def collect(device: str, steps: int, port: int | None = None) -> list[dict]:
             print(f"  {label:<10} done in {time.perf_counter() - start:5.1f}s")
         return results
     finally:
-        shard.terminate()
-        shard.wait(timeout=30)
+        shard.stop()
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -115,9 +114,3 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"\nplot: {os.path.abspath(args.compare_out)}")
     return 0
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,10 +1,11 @@
-"""`optserve demo`: a shard and W worker processes on this machine train a small conv net.
+"""`optserve demo`: shards and W worker processes on this machine train a small conv net.
 
 The task is generated, so nothing is downloaded, and has a known answer: 12x12 images of
 four shapes (square outline, plus, cross, disk) at random places and sizes under noise; a
-correct classifier reaches ~100 % accuracy. Workers split the data by rank and train in
-sync mode, so the shard averages their gradients each step. Each optimizer trains the
-same model from the same seed, one after another, and the summary compares them.
+correct classifier reaches ~100 % accuracy. Workers split the data by rank; in sync mode
+(the default) the shards average their gradients each step, in async mode they apply each
+as it comes. Each optimizer trains the same model from the same seed, one after another,
+and the summary compares them.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+from optserve import local
 
 CLASSES = ("square", "plus", "cross", "disk")
 SIZE = 12
@@ -88,7 +89,7 @@ class WorkerArgs:
 
 
 def worker(args: WorkerArgs, progress) -> None:
-    """One training process: its half of the data, a RemoteOptimizer, a cosine schedule."""
+    """One training process: its 1/W of the data, a RemoteOptimizer, a cosine schedule."""
     import logging
     import torch
     from optserve.client import RemoteOptimizer
@@ -128,19 +129,10 @@ def worker(args: WorkerArgs, progress) -> None:
     opt.close()
 
 
-def start_shard(device: str, log_path: str, metrics_port: int | None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "optserve", "server", "--port", "0", "--device", device]
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"the shard did not start: {line!r}")
-    return proc, match.group(1)
+def start_shard(device: str, log_path: str, metrics_port: int) -> local.LocalServer:
+    """A shard process serving metrics on `metrics_port` (0: any free port)."""
+    return local.start(local.shard_command("--device", device, "--metrics-port", str(metrics_port)),
+                       log_path)
 
 
 def show_progress(done: int, total: int, text: str, width: int = 30) -> None:
@@ -207,20 +199,19 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         log_dir = tempfile.mkdtemp(prefix="optserve-demo-")
         for k in range(args.shards):
-            port = None if args.metrics_port is None else args.metrics_port + k
+            port = 0 if args.metrics_port is None else args.metrics_port + k
             shards.append(start_shard(args.device, os.path.join(log_dir, f"shard-{k}.log"), port))
-        servers = [address for _, address in shards]
+        servers = [shard.address for shard in shards]
     print(f"optserve demo: shards {', '.join(servers)}, {args.workers} workers in {args.mode} mode, "
           f"{args.steps} steps each, classifying {len(CLASSES)} generated shapes")
-    if args.metrics_port is not None and shards:
-        print("metrics: " + ", ".join(f"http://127.0.0.1:{args.metrics_port + k}/metrics"
-                                       for k in range(len(shards))))
+    if shards:
+        print("metrics (Prometheus text, while the demo runs): " + ", ".join(
+            f"http://127.0.0.1:{shard.metrics_port}/metrics" for shard in shards))
     try:
         results = [train_one(o, servers, ranks, args) for o in optimizers]
     finally:
-        for proc, _ in shards:
-            proc.terminate()
-            proc.wait(timeout=30)
+        for shard in shards:
+            shard.stop()
     results = [r for r in results if r is not None]
     if not results:
         return 0

@@ -127,12 +127,11 @@ def _validate_adafactor(h):
 class OptimizerInfo:
     """What one optimizer accepts and keeps.
 
-    defaults: torch-style param-group defaults, as the torch/peer class names them.
-    oracle: the independent implementation it must match.
+    defaults: torch-style param-group defaults, as the class each one is tested against
+    (named beside its entry) names them.
     """
     name: str
     defaults: Mapping[str, Any]
-    oracle: str
     to_proto: Callable[[Mapping[str, Any], pb.Hyperparameters], None]
     validate: Callable[[pb.Hyperparameters], None]
     state_fields: Callable[[Shape, pb.Hyperparameters], dict[str, Shape]]
@@ -141,27 +140,26 @@ class OptimizerInfo:
 
 
 REGISTRY: dict[str, OptimizerInfo] = {
-    "adamw": OptimizerInfo(
+    "adamw": OptimizerInfo(  # oracle: torch.optim.AdamW
         "adamw",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, weight_decay_mode="lr",
              decoupled_weight_decay=True, **_TORCH_ADAM_KEYS),
-        "torch.optim.AdamW", _adamw_to_proto, _validate_adamw, _adam_state, True),
-    "adam": OptimizerInfo(
+        _adamw_to_proto, _validate_adamw, _adam_state, True),
+    "adam": OptimizerInfo(  # oracle: torch.optim.Adam
         "adam",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
              decoupled_weight_decay=False, **_TORCH_ADAM_KEYS),
-        "torch.optim.Adam", _adam_to_proto, _validate_adam, _adam_state, True),
-    "adamp": OptimizerInfo(
+        _adam_to_proto, _validate_adam, _adam_state, True),
+    "adamp": OptimizerInfo(  # oracle: adamp.AdamP 0.3.0
         "adamp",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
              nesterov=False),
-        "adamp.AdamP 0.3.0", _adamp_to_proto, _validate_adamp, _adam_state, False),
-    "adafactor": OptimizerInfo(
+        _adamp_to_proto, _validate_adamp, _adam_state, False),
+    "adafactor": OptimizerInfo(  # oracle: transformers.optimization.Adafactor
         "adafactor",
         dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
              weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False),
-        "transformers.optimization.Adafactor", _adafactor_to_proto, _validate_adafactor,
-        adafactor_state, False),
+        _adafactor_to_proto, _validate_adafactor, adafactor_state, False),
 }
 
 

@@ -25,6 +25,11 @@ from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 
 # Chunks stay well under gRPC's default 4 MiB message limit once framed.
 CHUNK_BYTES = 4 * 1024 * 1024 - 1024
+# The message limit shards and channels set: room for a chunk and any header; anything
+# larger is refused by gRPC itself.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Optimizer"]
 

@@ -15,8 +15,7 @@ from prometheus_client import start_http_server
 
 from optserve.kernels import get_backend
 from optserve.proto.spec import tune_malloc
-from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import add_servicer
+from optserve.proto.wire import GRPC_OPTIONS, SERVICE, add_servicer
 from optserve.server.checkpoint import Checkpointer
 from optserve.server.interceptors import RpcCounter, TokenAuth, load_tokens
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
@@ -25,9 +24,7 @@ from optserve.server.store import Limits, ShardStore
 
 log = logging.getLogger("optserve.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Optimizer"].full_name
-# Room for a 4 MiB chunk plus framing; anything larger is refused by gRPC itself.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVICE_NAME = SERVICE.full_name
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,7 @@ class ShardServer:
         interceptors = [RpcCounter(self.metrics.rpcs)]
         if tokens is not None:
             interceptors.append(TokenAuth(tokens))
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.so_reuseport", 0)]
+        options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
                                                              thread_name_prefix="optserve"),
                                   options=options, interceptors=interceptors)

@@ -12,6 +12,7 @@ import pathlib
 
 import grpc
 
+from optserve.proto.errors import OptserveError, PermissionDenied, Unauthenticated, status_of
 from optserve.proto.wire import RawChunk, Undecodable
 
 _FACTORIES = {
@@ -107,17 +108,17 @@ class TokenAuth(grpc.ServerInterceptor):
     def __init__(self, tokens: dict[str, str]):
         self.tokens = {job: token.encode() for job, token in tokens.items()}
 
-    def check(self, metadata, job: str) -> tuple[grpc.StatusCode, str] | None:
-        """None when the call may go on, else the status to answer with."""
+    def check(self, metadata, job: str) -> OptserveError | None:
+        """None when the call may go on, else the error to answer with."""
         scheme, _, token = dict(metadata or ()).get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"
+            return Unauthenticated("missing bearer token")
         given = token.encode()
         granted = [j for j, t in self.tokens.items() if hmac.compare_digest(given, t)]
         if not granted:
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
+            return Unauthenticated("invalid token")
         if job not in granted:
-            return grpc.StatusCode.PERMISSION_DENIED, f"this token does not grant job {job!r}"
+            return PermissionDenied(f"this token does not grant job {job!r}")
         return None
 
     def intercept_service(self, continuation, handler_call_details):
@@ -130,12 +131,12 @@ class TokenAuth(grpc.ServerInterceptor):
         def guard(request, context):
             denied = self.check(metadata, job_of(request))
             if denied:
-                context.abort(*denied)
+                context.abort(*status_of(denied))
 
         def checked_stream(requests, context):
             first = next(requests, None)
             if first is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "empty request stream")
+                context.abort(*status_of(Unauthenticated("empty request stream")))
             guard(first, context)
             return itertools.chain([first], requests)
 

@@ -50,7 +50,7 @@ class Result:
     tensors: list[int]            # spec indices, in payload order
     payload: np.ndarray           # uint8, from the job's SnapshotPool
     dtype: int = pb.FLOAT32
-    dropped: str = ""             # "" when applied, else LATE, STALE or ROLLED_BACK
+    dropped: str = ""             # "" when applied, else LATE, STALE, NONFINITE or ROLLED_BACK
     last_step: int = 0
     progress: Progress | None = None   # while the step still writes the payload
 

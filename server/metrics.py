@@ -11,13 +11,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from optserve.proto.v1 import optserve_pb2 as pb
 
-# Step phases and their buckets: from sub-millisecond steps of small models to
-# multi-second steps of 100M-parameter ones.
-PHASES = ("receive", "wait", "compute", "send")
+# Phase latency buckets: from sub-millisecond steps of small models to multi-second steps
+# of 100M-parameter ones.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-SKIP_REASONS = ("late", "stale", "nonfinite", "rolled_back")
 
 
 class ShardMetrics:
@@ -58,10 +56,10 @@ class ShardMetrics:
         self.staleness = Histogram("optserve_staleness_versions", "Async: versions between the "
                                    "gradient's parameters and the job's", ("job",),
                                    buckets=STALENESS_BUCKETS, registry=r)
-        self.bytes_received = Counter("optserve_bytes_received_total", "Payload bytes received "
-                                      "(gradients, initial parameters, state)", ("job",), registry=r)
-        self.bytes_sent = Counter("optserve_bytes_sent_total", "Payload bytes sent (parameters, "
-                                  "state)", ("job",), registry=r)
+        self.bytes_received = Counter("optserve_bytes_received_total", "Gradient bytes received "
+                                      "by Step", ("job",), registry=r)
+        self.bytes_sent = Counter("optserve_bytes_sent_total", "Parameter bytes sent in Step "
+                                  "replies", ("job",), registry=r)
         self.steps = Counter("optserve_steps_total", "Optimizer steps applied", ("job",), registry=r)
         self.skipped = Counter("optserve_skipped_steps_total", "Gradients received but not "
                                "applied, by reason", ("job", "reason"), registry=r)

@@ -119,7 +119,6 @@ class ShardStore:
         if not np.isfinite(params).all():
             raise InvalidArgument(f"job {spec.job!r}: non-finite initial parameters")
         with self.lock:
-            existing = self.jobs.get(spec.job)
             job, created = self.jobs.get(spec.job), False
             if job is not None:
                 _check_same_spec(job, spec, header.shard)

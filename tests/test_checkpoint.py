@@ -6,9 +6,7 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import grpc
@@ -18,6 +16,7 @@ import torch
 import workers
 from conftest import DEVICE
 from models import make_data, make_model
+from optserve import local
 from optserve.client import RemoteOptimizer
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
@@ -28,21 +27,10 @@ CTX = mp.get_context("spawn")
 TRIALS = int(os.environ.get("OPTSERVE_SOAK_TRIALS", "3"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_shard(port: int, directory, every: int = 0) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve", "server", "--port", str(port), "--device", DEVICE,
-         "--checkpoint-dir", str(directory), "--checkpoint-every", str(every), "--grace", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = proc.stdout.readline()
-    assert "listening on" in line, proc.stderr.read()
-    return proc
+def start_shard(port: int, directory, every: int = 0, log=None) -> subprocess.Popen:
+    return local.start(local.shard_command(
+        "--port", str(port), "--device", DEVICE, "--checkpoint-dir", str(directory),
+        "--checkpoint-every", str(every), "--grace", "2"), log).proc
 
 
 def state_of(address: str, job: str) -> tuple[bytes, bytes]:
@@ -72,7 +60,7 @@ def train(model, opt, steps, seed=0):
 
 
 def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
-    port = free_port()
+    port = local.free_port()
     address = f"127.0.0.1:{port}"
     shard = start_shard(port, tmp_path)
     model, ref_model = make_model(), make_model()
@@ -102,7 +90,7 @@ def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
 
 
 def test_corrupt_checkpoint_is_skipped(tmp_path):
-    port = free_port()
+    port = local.free_port()
     address = f"127.0.0.1:{port}"
     shard = start_shard(port, tmp_path, every=2)
     model = make_model()
@@ -118,12 +106,14 @@ def test_corrupt_checkpoint_is_skipped(tmp_path):
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    shard = start_shard(port, tmp_path)
+    log_path = tmp_path.with_name(tmp_path.name + "-shard.log")  # beside the checkpoints
+    shard = start_shard(port, tmp_path, log=log_path)
     try:
         assert state_of(address, "corrupt") == at_two
     finally:
         shard.kill()
-        log = shard.stderr.read()
+        shard.wait()
+    log = log_path.read_text()
     assert re.search(r"skipping checkpoint .*000000000004\.json: checksum mismatch", log)
     assert "restored job 'corrupt' at version 2" in log
 
@@ -167,13 +157,13 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
     are told (RolledBack) and replay, and the run ends bit-identical to one without crashes."""
     steps = 60 + 20 * TRIALS
     clean_dir, crash_dir = tmp_path / "clean", tmp_path / "crash"
-    port = free_port()
+    port = local.free_port()
     shard = start_shard(port, clean_dir, every=4)
     procs, out = run_workers([f"127.0.0.1:{port}"], "soak", steps)
     clean = sorted(collect(out, procs))
     shard.kill()
 
-    port = free_port()
+    port = local.free_port()
     address = f"127.0.0.1:{port}"
     shard = start_shard(port, crash_dir, every=4)
     procs, out = run_workers([address], "soak", steps, delay=0.03)

@@ -89,12 +89,3 @@ def test_fast_decode_is_the_reference_and_finds_nonfinite_values(wire, n, poison
     assert convert.decode(raw, wire, fast) == finite
     assert reference.decode(raw, wire, ref) == finite
     np.testing.assert_array_equal(fast.view(np.uint32), ref.view(np.uint32))
-
-
-@pytest.mark.parametrize("poison", [None, np.nan, np.inf, -np.inf])
-def test_all_finite(poison):
-    x = values(50_001)
-    x = np.where(np.isfinite(x), x, 0).astype(np.float32)
-    if poison is not None:
-        x[31_337] = poison
-    assert convert.all_finite(x) == (poison is None)

@@ -27,6 +27,8 @@ from urllib.request import urlopen
 import pytest
 import yaml
 
+from optserve import local
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
@@ -288,30 +290,18 @@ def busy_shard(tmp_path_factory):
     shard exports now exists. Yields the training jobs' names."""
     prometheus_scraping_ci_target()
     log = tmp_path_factory.mktemp("shard") / "shard.log"
-    with open(log, "w") as stderr:
-        shard = subprocess.Popen(
-            [sys.executable, "-m", "optserve", "server", "--port", "0", "--metrics-port",
-             str(METRICS_PORT), "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=stderr, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    shard = local.start(local.shard_command("--metrics-port", str(METRICS_PORT), "--device", "cpu"),
+                        log, cwd=ROOT)
     try:
-        line = shard.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
-        assert match, f"the shard did not start: {line!r}\n{log.read_text()}"
-        address = match.group(1)
         demo = subprocess.run(
-            [sys.executable, "-m", "optserve", "demo", "--servers", address, "--workers", "1",
+            [sys.executable, "-m", "optserve", "demo", "--servers", shard.address, "--workers", "1",
              "--rank", "0", "--steps", "40", "--optimizers", "adamw,adamp,adafactor",
              "--job", "ci"], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert demo.returncode == 0, f"demo failed:\n{demo.stdout}\n{demo.stderr}"
-        async_job_with_a_nan_gradient(address)
+        async_job_with_a_nan_gradient(shard.address)
         yield wait_until_scraped()
     finally:
-        shard.terminate()
-        try:
-            shard.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            shard.kill()
-            shard.wait()
+        shard.stop()
 
 
 def async_job_with_a_nan_gradient(address: str) -> None:

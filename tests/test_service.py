@@ -2,9 +2,7 @@
 process's lifecycle and the dependency boundaries between worker and shard."""
 from __future__ import annotations
 
-import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import DEVICE
 from models import make_data, make_model
+from optserve import local
 from optserve.client import RemoteOptimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,23 +46,21 @@ def test_health_and_reflection(shard):
     channel.close()
 
 
-def test_server_process_logs_jobs_and_exits_cleanly_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "optserve", "server", "--port", "0",
-                             "--grace", "2", "--device", DEVICE, "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def test_server_process_logs_jobs_and_exits_cleanly_on_sigterm(tmp_path):
+    shard = local.start(local.shard_command("--grace", "2", "--device", DEVICE, "--threads", "1"),
+                        tmp_path / "shard.log")
+    proc = shard.proc
     try:
-        line = proc.stdout.readline()
-        address = re.search(r"listening on (\S+)", line).group(1)
         model = make_model()
-        opt = RemoteOptimizer(model.parameters(), "adamp", servers=[address], job="lifecycle")
+        opt = RemoteOptimizer(model.parameters(), "adamp", servers=[shard.address],
+                              job="lifecycle")
         x, y = make_data()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        log = proc.stderr.read()
+        log = (tmp_path / "shard.log").read_text()
         assert "registered job 'lifecycle': optimizer=adamp" in log
         assert "received SIGTERM" in log
     finally:
