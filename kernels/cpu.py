@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 
 import numba
@@ -238,20 +237,8 @@ def _starts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
 
 
-# Plans per live layout object: id -> (weakref to the layout, {(view, tiling): plan}).
-_plans: dict[int, tuple[weakref.ref, dict]] = {}
-
-
 def _plan(layout: FlatLayout, view: str) -> _Plan:
-    key = id(layout)
-    entry = _plans.get(key)
-    if entry is None or entry[0]() is not layout:
-        entry = (weakref.ref(layout, lambda _, key=key: _plans.pop(key, None)), {})
-        _plans[key] = entry
-    cache, key = entry[1], (view, TILE, FACTORED_MIN_ROWS)
-    if key not in cache:
-        cache[key] = _plan_for(layout, view)
-    return cache[key]
+    return layout.memo(("cpu", view, TILE, FACTORED_MIN_ROWS), lambda: _plan_for(layout, view))
 
 
 # ---------------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,6 +163,28 @@ __device__ __forceinline__ float load_grad(const void* __restrict__ g, i64 gkind
     const unsigned int h = ((const unsigned short*)g)[i];
     if (gkind == GK_BF16) return bits_to_float(h << 16);
     return half_to_float(h);
+}
+
+// This lane's CPL columns of the tile row starting at rp: theta, g and Adam's m and v
+// (zeros where ok is false: past the row's end). Every load is issued before any value is
+// used, 16 in flight per thread.
+__device__ __forceinline__ void load_adam_row(
+        const Tile& T, i64 rp, int lane, const float* __restrict__ param,
+        const void* __restrict__ grad, i64 gkind, const float* __restrict__ exp_avg,
+        const float* __restrict__ exp_avg_sq, i64 mo, i64 vo,
+        float* p, float* g, float* m, float* v, bool* ok) {
+#pragma unroll
+    for (int q = 0; q < CPL; ++q) {
+        const i64 j = lane + 32 * q, pos = rp + j;
+        ok[q] = j < T.nc && pos < T.n;
+        p[q] = g[q] = m[q] = v[q] = 0.0f;
+        if (ok[q]) {
+            p[q] = param[T.p + pos];
+            g[q] = load_grad(grad, gkind, T.p + pos);
+            m[q] = exp_avg[mo + pos];
+            v[q] = exp_avg_sq[vo + pos];
+        }
+    }
 }
 
 // Sum over the warp; every lane gets the same bits (xor butterfly: a+b == b+a).
@@ -290,18 +311,7 @@ adam_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
             const i64 rp = tile_row_pos(T, i);
             float p[CPL], g[CPL], m[CPL], v[CPL];
             bool ok[CPL];
-#pragma unroll
-            for (int q = 0; q < CPL; ++q) {       // all loads first: 16 in flight per thread
-                const i64 j = lane + 32 * q, pos = rp + j;
-                ok[q] = j < T.nc && pos < T.n;
-                p[q] = g[q] = m[q] = v[q] = 0.0f;
-                if (ok[q]) {
-                    p[q] = param[T.p + pos];
-                    g[q] = load_grad(grad, gkind, T.p + pos);
-                    m[q] = exp_avg[mo + pos];
-                    v[q] = exp_avg_sq[vo + pos];
-                }
-            }
+            load_adam_row(T, rp, lane, param, grad, gkind, exp_avg, exp_avg_sq, mo, vo, p, g, m, v, ok);
 #pragma unroll
             for (int q = 0; q < CPL; ++q) {
                 if (!ok[q]) continue;
@@ -359,18 +369,7 @@ adamp_sums(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
         const i64 rp = tile_row_pos(T, i);
         float p[CPL], g[CPL], m[CPL], v[CPL];
         bool ok[CPL];
-#pragma unroll
-        for (int q = 0; q < CPL; ++q) {
-            const i64 j = lane + 32 * q, pos = rp + j;
-            ok[q] = j < T.nc && pos < T.n;
-            p[q] = g[q] = m[q] = v[q] = 0.0f;
-            if (ok[q]) {
-                p[q] = param[T.p + pos];
-                g[q] = load_grad(grad, gkind, T.p + pos);
-                m[q] = exp_avg[mo + pos];
-                v[q] = exp_avg_sq[vo + pos];
-            }
-        }
+        load_adam_row(T, rp, lane, param, grad, gkind, exp_avg, exp_avg_sq, mo, vo, p, g, m, v, ok);
         double dot = 0.0, gg = 0.0, pp = 0.0, pu = 0.0;
 #pragma unroll
         for (int q = 0; q < CPL; ++q) {
@@ -495,18 +494,7 @@ adamp_apply(const i64* __restrict__ tiles, const i64* __restrict__ tinfo,
             }
             float p[CPL], g[CPL], m[CPL], v[CPL];
             bool ok[CPL];
-#pragma unroll
-            for (int q = 0; q < CPL; ++q) {
-                const i64 j = lane + 32 * q, pos = rp + j;
-                ok[q] = j < T.nc && pos < T.n;
-                p[q] = g[q] = m[q] = v[q] = 0.0f;
-                if (ok[q]) {
-                    p[q] = param[T.p + pos];
-                    g[q] = load_grad(grad, gkind, T.p + pos);
-                    m[q] = exp_avg[mo + pos];
-                    v[q] = exp_avg_sq[vo + pos];
-                }
-            }
+            load_adam_row(T, rp, lane, param, grad, gkind, exp_avg, exp_avg_sq, mo, vo, p, g, m, v, ok);
 #pragma unroll
             for (int q = 0; q < CPL; ++q) {
                 if (!ok[q]) continue;
@@ -866,7 +854,6 @@ def use_runtime(rt) -> None:
     global _runtime
     with _runtime_lock:
         _runtime = rt
-        _plans.clear()
 
 
 def to_device(state: FlatState) -> FlatState:
@@ -964,19 +951,8 @@ def _build_plan(layout: FlatLayout, view: str) -> _Plan:
                  owners("exp_avg_sq_row"), owners("exp_avg_sq_col"))
 
 
-# Plans per live layout object: id -> (weakref to the layout, {view: plan}).
-_plans: dict[int, tuple[weakref.ref, dict]] = {}
-
-
 def _plan(layout: FlatLayout, view: str) -> _Plan:
-    key = id(layout)
-    entry = _plans.get(key)
-    if entry is None or entry[0]() is not layout:
-        entry = (weakref.ref(layout, lambda _, key=key: _plans.pop(key, None)), {})
-        _plans[key] = entry
-    if view not in entry[1]:
-        entry[1][view] = _build_plan(layout, view)
-    return entry[1][view]
+    return layout.memo(("cuda", view), lambda: _build_plan(layout, view))
 
 
 def _device_plan(rt, plan: _Plan) -> dict:

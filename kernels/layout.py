@@ -34,6 +34,7 @@ class FlatLayout:
     sizes: np.ndarray = field(init=False)
     fields: dict[str, np.ndarray] = field(init=False)
     field_totals: dict[str, int] = field(init=False)
+    _memo: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.sizes = np.array([numel(s) for s in self.shapes], dtype=np.int64)
@@ -68,6 +69,13 @@ class FlatLayout:
 
     def state_bytes(self) -> int:
         return 4 * (self.numel + sum(self.field_totals.values()))
+
+    def memo(self, key, build):
+        """build(), once per key for this layout: the tile plans a backend derives from the
+        layout alone live as long as it does."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
 
 @dataclass
