@@ -2,11 +2,11 @@
 
 Needs torch, grpcio and protobuf; never cupy, numba or prometheus-client.
 """
-from optserve.client.remote import RemoteOptimizer, RolledBack
+from optserve.client.remote import RemoteOptimizer, RolledBack, delete_job
 from optserve.proto.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Internal,
                                    InvalidArgument, NotFound, OptserveError, PermissionDenied,
                                    ResourceExhausted, Unauthenticated, Unavailable)
 
-__all__ = ["RemoteOptimizer", "RolledBack", "OptserveError", "NotFound", "InvalidArgument",
+__all__ = ["RemoteOptimizer", "RolledBack", "delete_job", "OptserveError", "NotFound", "InvalidArgument",
            "FailedPrecondition", "Unauthenticated", "PermissionDenied", "ResourceExhausted",
            "DeadlineExceeded", "Aborted", "Unavailable", "Internal"]

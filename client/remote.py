@@ -12,8 +12,10 @@ brings the model back in line with the shards.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,8 +121,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError(f"on_timeout must be 'fail' or 'proceed', got {on_timeout!r}")
         if not 0 <= backup_workers < world_size:
             raise ValueError(f"backup_workers must be in [0, world_size), got {backup_workers}")
-        if not servers:
-            raise ValueError("servers must name at least one shard")
+        _check_servers(servers)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         super().__init__(params, {**info.defaults, **hyperparameters})
@@ -132,6 +133,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.retries = retries
         self.dropped_steps = 0
         self._params = [p for g in self.param_groups for p in g["params"]]
+        if len({id(p) for p in self._params}) != len(self._params):
+            raise ValueError("a parameter is listed twice; torch would step it twice, a job "
+                             "holds it once")
         self._initial_lrs = [g.get("initial_lr", g["lr"]) or 0.0 for g in self.param_groups]
         for g in self.param_groups:
             self._group_proto(g, 0)  # conflicting or bad values fail here, not at the first step
@@ -157,7 +161,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                          for tensors in self._shard_tensors]
         self._step_no = [0] * len(servers)   # the last step completed, per shard
         self._version = [0] * len(servers)   # the parameter version held, per shard
+        self._closed = False
+        self._session = os.urandom(16).hex()   # this client's claim on its rank (RegisterHeader)
         self._register()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "spec"):   # after construction: the job's tensors are registered
+            raise NotImplementedError(
+                "a job's tensors are fixed when it is registered: build the RemoteOptimizer "
+                "with every parameter group (a frozen group can have lr=0)")
+        super().add_param_group(param_group)
 
     # ---- construction ------------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -180,14 +193,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for gi, g in enumerate(self.param_groups):
             spec.groups.append(self._group_proto(g, gi))
             for p in g["params"]:
+                name = next(names)
                 if p.dtype != torch.float32:
-                    raise ValueError(f"parameter {p.shape} is {p.dtype}; optserve keeps float32 masters")
-                spec.tensors.add(name=next(names), shape=list(p.shape) or [1], group=gi)
+                    raise ValueError(f"parameter {name!r} {tuple(p.shape)} is {p.dtype}; optserve "
+                                     "keeps float32 masters")
+                spec.tensors.add(name=name, shape=list(p.shape) or [1], group=gi)
         return spec
 
     def _register(self) -> None:
         def register(shard: int) -> pb.RegisterJobResponse:
-            header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank)
+            header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank,
+                                       session=self._session)
             tensors = [self._params[t] for t in self._shard_tensors[shard]]
             values = torch.empty(sum(p.numel() for p in tensors))
             msgs = [pb.RegisterJobRequest(header=header), *_packed_chunks(tensors, values)]
@@ -210,6 +226,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 loss = closure()
         groups = [self._group_proto(g, gi) for gi, g in enumerate(self.param_groups)]
         have_grad = [p.grad is not None for p in self._params]
+        self._check_grads(have_grad)
         # Every shard hears from every worker each step, even with no gradient for it, so
         # that a sync barrier never waits for a worker that has nothing to send.
         replies = self._call_all(lambda k: self._step_shard(k, groups, have_grad))
@@ -218,6 +235,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._roll_back_to(min(rolled))
             raise RolledBack(min(rolled))
         return loss
+
+    def _check_grads(self, have_grad: list[bool]) -> None:
+        """Refuses, before anything is sent, what the wire format cannot carry."""
+        for t, p in enumerate(self._params):
+            if not have_grad[t]:
+                continue
+            name, registered = self.spec.tensors[t].name, tuple(self.spec.tensors[t].shape)
+            if (tuple(p.shape) or (1,)) != registered:
+                raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)}; the job "
+                                 f"registered {registered}")
+            if p.grad.layout != torch.strided:
+                raise ValueError(f"parameter {name!r} has a {p.grad.layout} gradient; optserve "
+                                 "takes dense gradients (e.g. nn.Embedding(sparse=False))")
+            if p.grad.shape != p.shape:
+                raise ValueError(f"parameter {name!r} {tuple(p.shape)} has a gradient of shape "
+                                 f"{tuple(p.grad.shape)}")
 
     def _roll_back_to(self, version: int) -> None:
         """Brings every shard to `version` (the checkpoint a restarted shard came back at)
@@ -236,7 +269,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         step = self._step_no[shard] + 1
         header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
                                groups=groups, dtype=self.spec.grad_dtype,
-                               version=self._version[shard])
+                               version=self._version[shard], session=self._session)
         buffers = self._buffers[shard]
         grads = [self._params[t].grad for t in tensors]
 
@@ -340,13 +373,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     # ---- plumbing -----------------------------------------------------------------------
     def _call_all(self, fn) -> list:
-        """Runs fn(shard) on every shard at once; raises the first failure as an OptserveError.
+        """Runs fn(shard) on every shard at once; raises the first failure as an OptserveError,
+        once every call has ended (none is left running behind the caller's back).
         The last shard's call runs on this thread: a hand-off to the pool and back costs a
         few hundred microseconds on a busy machine, which a one-shard job need not pay."""
+        if self._closed:
+            raise ValueError(f"the RemoteOptimizer of job {self.job!r} is closed")
         last = len(self._stubs) - 1
         futures = [self._pool.submit(fn, k) for k in range(last)]
         try:
-            mine = fn(last)
+            try:
+                mine = fn(last)
+            finally:
+                concurrent.futures.wait(futures)
             return [f.result() for f in futures] + [mine]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -376,13 +415,25 @@ class RemoteOptimizer(torch.optim.Optimizer):
         request = pb.LeaveJobRequest(job=self.job, worker=self.rank)
         self._call_all(lambda k: self._stubs[k].LeaveJob(request, timeout=self.rpc_timeout))
 
+    def delete_job(self) -> None:
+        """Deletes the job on every shard (parameters, optimizer state, metric series and
+        checkpoints) and closes this optimizer; other workers' next calls get NotFound."""
+        try:
+            self._call_all(lambda k: _delete_on(self._stubs[k], self.job, self.rpc_timeout))
+        finally:
+            self.close(leave=False)
+
     def close(self, leave: bool = True) -> None:
-        """Leaves the job (unless leave=False) and closes the connections."""
+        """Leaves the job (unless leave=False) and closes the connections. The job stays on
+        the shards (see delete_job). Closing twice does nothing."""
+        if self._closed:
+            return
         if leave:
             try:
                 self.leave()
             except OptserveError as e:  # closing must not fail because a shard is gone
                 log.info("job %r: could not leave cleanly: %s", self.job, e)
+        self._closed = True
         self._pool.shutdown(wait=False)
         for c in self._channels:
             c.close()
@@ -392,6 +443,40 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def delete_job(servers: Sequence[str], job: str, *, token: str | None = None,
+               tls_ca: str | None = None, tls_cert: str | None = None,
+               tls_key: str | None = None, timeout: float = 60.0) -> None:
+    """Deletes `job` on every shard in `servers` that holds it: for a job whose workers are
+    gone, or one whose registration failed part way."""
+    _check_servers(servers)
+    for address in servers:
+        with _channel(address, tls_ca, tls_cert, tls_key) as channel:
+            calls = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+            try:
+                _delete_on(OptimizerStub(calls), job, timeout)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+
+
+def _delete_on(stub: OptimizerStub, job: str, timeout: float | None) -> None:
+    """DeleteJob on one shard; a shard that does not hold the job is already done."""
+    try:
+        stub.DeleteJob(pb.DeleteJobRequest(job=job), timeout=timeout)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+
+
+def _check_servers(servers) -> None:
+    if isinstance(servers, str):
+        raise TypeError(f"servers must be a list of addresses, e.g. [{servers!r}]")
+    if not servers:
+        raise ValueError("servers must name at least one shard")
+    repeated = sorted({a for a in servers if list(servers).count(a) > 1})
+    if repeated:
+        raise ValueError(f"servers lists {repeated} more than once; each shard once")
 
 
 def _channel(address: str, ca: str | None, cert: str | None, key: str | None) -> grpc.Channel:

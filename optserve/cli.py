@@ -14,14 +14,36 @@ def _server(args: argparse.Namespace) -> int:
     from optserve.server.app import TLSFiles
     from optserve.server.store import Limits, half_of_memory
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
-          args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series,
-          args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints,
-          TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
-          args.tokens_file,
-          Limits(args.max_jobs, args.max_params_per_job, args.max_state_bytes or half_of_memory()))
+        raise SystemExit("optserve server: --tls-cert and --tls-key go together")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"optserve server: --{flag.replace('_', '-')} {path}: no such file")
+    try:
+        serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
+              args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series,
+              args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints,
+              TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+              args.tokens_file,
+              Limits(args.max_jobs, args.max_params_per_job,
+                     args.max_state_bytes or half_of_memory()))
+    except (OSError, ValueError) as e:   # a port taken, a tokens file that does not parse, ...
+        raise SystemExit(f"optserve server: {e}") from None
     return 0
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0 picks a free one)")
+    return port
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -59,40 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="run one shard")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    server.add_argument("--port", type=int, default=50051)
+    server.add_argument("--port", type=_port, default=50051)
     server.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "reference"],
                         help="optimizer backend; auto (the default) picks cuda when a GPU is "
                              "visible, else cpu")
-    server.add_argument("--threads", type=int, default=None,
+    server.add_argument("--threads", type=_positive, default=None,
                         help="threads of the CPU kernels (default: one per core); 1 where the "
                              "shard shares its cores with workers")
     server.add_argument("--barrier-timeout", type=float, default=300.0,
                         help="seconds a sync step waits for the other workers")
     server.add_argument("--grace", type=float, default=10.0,
                         help="seconds in-flight calls get to finish on SIGTERM")
-    server.add_argument("--metrics-port", type=int, default=None,
+    server.add_argument("--metrics-port", type=_port, default=None,
                         help="serve Prometheus metrics over HTTP on this port")
     server.add_argument("--metrics-host", default=None,
                         help="address for the metrics endpoint (default: --host)")
-    server.add_argument("--metrics-every", type=int, default=1,
+    server.add_argument("--metrics-every", type=_positive, default=1,
                         help="update per-tensor metrics every N steps of a job")
-    server.add_argument("--max-tensor-series", type=int, default=256,
+    server.add_argument("--max-tensor-series", type=_positive, default=256,
                         help="per-tensor series per job; beyond it tensors are aggregated by "
                              "name prefix")
     server.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint jobs here, and restore them from here on start")
     server.add_argument("--checkpoint-every", type=int, default=0,
                         help="checkpoint every N versions of a job (0: only on SIGTERM/request)")
-    server.add_argument("--keep-checkpoints", type=int, default=3,
+    server.add_argument("--keep-checkpoints", type=_positive, default=3,
                         help="checkpoints kept per job")
     server.add_argument("--tls-cert", help="PEM certificate: serve TLS")
     server.add_argument("--tls-key", help="PEM private key of --tls-cert")
     server.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mTLS)")
     server.add_argument("--tokens-file",
                         help='JSON {"job": "token"}: every call needs its job\'s bearer token')
-    server.add_argument("--max-jobs", type=int, default=64)
-    server.add_argument("--max-params-per-job", type=int, default=2_000_000_000)
-    server.add_argument("--max-state-bytes", type=int, default=None,
+    server.add_argument("--max-jobs", type=_positive, default=64)
+    server.add_argument("--max-params-per-job", type=_positive, default=2_000_000_000)
+    server.add_argument("--max-state-bytes", type=_positive, default=None,
                         help="parameters + optimizer state over all jobs (default: half of RAM)")
     server.set_defaults(func=_server)
 
@@ -103,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="train a small model through local shards")
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--shards", type=int, default=1)
+    demo.add_argument("--workers", type=_positive, default=2)
+    demo.add_argument("--shards", type=_positive, default=1)
     demo.add_argument("--mode", default="sync", choices=["sync", "async"])
     demo.add_argument("--servers", default=None,
                       help="comma-separated shard addresses to use instead of starting shards")
@@ -113,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
     demo.add_argument("--tokens-file", default=None,
                       help='JSON {"job": "token"}: the bearer token each job\'s workers send')
-    demo.add_argument("--metrics-port", type=int, default=None,
+    demo.add_argument("--metrics-port", type=_port, default=None,
                       help="first shard's Prometheus port (shard k uses this + k; default: "
                            "free ports, printed at the start)")
     demo.add_argument("--compare", action="store_true",
@@ -121,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "conv weights' norm and effective step")
     demo.add_argument("--compare-out", default="optserve-compare.png",
                       help="where --compare writes its plot")
-    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--steps", type=_positive, default=150)
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
                       help="comma-separated list of optimizers to run, one after another")
     demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"])

@@ -73,12 +73,17 @@ class ShardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        if tls is None:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        else:
-            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+        try:
+            if tls is None:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+        except RuntimeError:   # grpcio's "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}")
+            raise OSError(f"could not bind {host}:{port}: the port is taken, or the host is not "
+                          "an address of this machine" + ("; or gRPC could not load the TLS "
+                                                          "certificate and key" if tls else ""))
         self.host = host
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
@@ -144,7 +149,11 @@ def serve(host: str, port: int, device: str, barrier_timeout: float, grace: floa
                         tokens=load_tokens(tokens_file) if tokens_file else None,
                         limits=limits).start()
     if metrics_port is not None:
-        metrics_port = shard.serve_metrics(metrics_port, metrics_host)
+        try:
+            metrics_port = shard.serve_metrics(metrics_port, metrics_host)
+        except OSError as e:
+            shard.stop(grace=0)
+            raise OSError(f"metrics port {metrics_port}: {e.strerror or e}") from None
 
     def on_signal(signum, _frame):
         log.info("received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, grace)

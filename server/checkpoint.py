@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -66,6 +67,14 @@ class Checkpointer:
         _write_atomically(directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())
         self._prune(directory)
         return directory / f"{stem}.json"
+
+    def delete(self, job: str) -> None:
+        """Removes every checkpoint of `job`: the manifests first, so that a crash part way
+        through leaves nothing a restart would restore."""
+        directory = self.job_dir(job)
+        for manifest in directory.glob("*.json"):
+            manifest.unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
     def _prune(self, directory: pathlib.Path) -> None:
         manifests = sorted(directory.glob("*.json"))

@@ -79,7 +79,10 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 
 def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
     """The tokens file: JSON, {"job name": "token", ...}."""
-    tokens = json.loads(pathlib.Path(path).read_text())
+    try:
+        tokens = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
                                                for k, v in tokens.items()):
         raise ValueError(f"{path}: expected a JSON object of job name -> non-empty token")

@@ -116,6 +116,7 @@ class NoObserver:
     def sent(self, job, nbytes, seconds): pass
     def skipped(self, job, reason): pass
     def members_changed(self, job): pass
+    def deleted(self, job): pass
     def stepped(self, job, report): pass
     def wants_stats(self, job): return False
 
@@ -145,6 +146,7 @@ class Job:
         self.round: Round | None = None
         self.members = set(range(spec.num_workers))   # workers a sync step waits for
         self.worker_step: dict[int, int] = {}
+        self.sessions: dict[int, str] = {}           # worker -> the client that holds it
         self.results: dict[int, tuple[int, Result]] = {}
         self.worker_locks = [threading.Lock() for _ in range(spec.num_workers)]
         # Each worker's gradient lands in its own buffer, reused every step under its worker
@@ -162,6 +164,7 @@ class Job:
         self.reading: set[int] = set()
         self.idle_waiters = 0     # threads in _wait_idle; new steps wait for them (_apply)
         self._stepper: ThreadPoolExecutor | None = None
+        self.deleted = False
 
     def _wait_idle(self) -> None:
         """Waits until no step is running on the stepper. Call with the lock held. While it
@@ -222,10 +225,27 @@ class Job:
     def payload_bytes(self, local: Iterable[int], itemsize: int) -> int:
         return int(sum(self.layout.sizes[k] for k in local)) * itemsize
 
-    # ---- membership ---------------------------------------------------------------------
-    def join(self, worker: int) -> tuple[int, int]:
-        """A worker (re)joins; returns (version, the last step it completed)."""
+    def delete(self) -> None:
+        """Ends the job: a step already running finishes, steps waiting for the rest of their
+        round and any later ones fail with NOT_FOUND. The caller forgets the job."""
         with self.cond:
+            self.deleted = True
+            self.cond.notify_all()
+            self._wait_idle()
+        if self._stepper is not None:
+            self._stepper.shutdown(wait=False)
+
+    def _check_not_deleted(self) -> None:
+        if self.deleted:
+            raise NotFound(f"job {self.name!r} was deleted")
+
+    # ---- membership ---------------------------------------------------------------------
+    def join(self, worker: int, session: str = "") -> tuple[int, int]:
+        """A worker (re)joins, held from now on by the client of `session`; returns (version,
+        the last step it completed)."""
+        with self.cond:
+            if session:
+                self.sessions[worker] = session
             self.members.add(worker)
             self.observer.members_changed(self)
             if self.sync:
@@ -251,6 +271,7 @@ class Job:
     # ---- Step ---------------------------------------------------------------------------
     def step(self, header: pb.StepHeader, chunks: Iterable[RawChunk]) -> Result:
         worker = self._check_worker(header.worker)
+        self._check_session(worker, header.session)
         with self.worker_locks[worker]:
             cached = self._cached_result(worker, header.step)
             if cached is not None:
@@ -273,6 +294,19 @@ class Job:
             raise InvalidArgument(f"job {self.name!r}: worker {worker} out of range, "
                                   f"the job has {self.spec.num_workers} workers")
         return worker
+
+    def _check_session(self, worker: int, session: str) -> None:
+        """A worker is held by the client that registered it last (a job restored from a
+        checkpoint knows none: the first to step holds it)."""
+        if not session:
+            return
+        with self.cond:
+            holder = self.sessions.setdefault(worker, session)
+        if holder != session:
+            raise FailedPrecondition(
+                f"job {self.name!r}: worker {worker} is held by another client that registered "
+                "it later (a second process with the same rank, or a restarted worker); this "
+                "client's steps are refused")
 
     def _cached_result(self, worker: int, step: int) -> Result | None:
         """A retried step is answered from the result it already produced."""
@@ -413,6 +447,7 @@ class Job:
     def _apply(self, c: Contribution) -> Result:
         with self.cond:
             self.cond.wait_for(lambda: not self.idle_waiters)
+            self._check_not_deleted()
             if not self.sync:
                 return self._finish(Round(c.step, {c.worker: c}))
             self.members.add(c.worker)
@@ -424,9 +459,13 @@ class Job:
                 self.observer.waited(self, 0.0)
                 return self._finish(rnd)
             start = time.perf_counter()
-            done = self.cond.wait_for(lambda: rnd.result is not None, timeout=self.barrier_timeout)
+            self.cond.wait_for(lambda: rnd.result is not None or self.deleted,
+                               timeout=self.barrier_timeout)
             self.observer.waited(self, time.perf_counter() - start)
-            return rnd.result if done else self._barrier_timed_out(rnd, c)
+            if rnd.result is not None:
+                return rnd.result
+            self._check_not_deleted()
+            return self._barrier_timed_out(rnd, c)
 
     def _barrier_timed_out(self, rnd: Round, c: Contribution) -> Result:
         """Proceed with the workers present, or withdraw this gradient and fail the step."""

@@ -6,8 +6,11 @@ Worker ids and step numbers are never labels.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from optserve.proto.v1 import optserve_pb2 as pb
 
@@ -74,6 +77,12 @@ class ShardMetrics:
                             ("method", "code"), registry=r)
         self.up = Gauge("optserve_shard_up", "1 while the shard serves", registry=r)
 
+    def forget_job(self, job: str) -> None:
+        """Removes every series labelled with `job`."""
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and "job" in metric._labelnames:
+                metric.remove_by_labels({"job": job})
+
 
 def tensor_series(names: list[str], cap: int) -> list[str]:
     """The series label of each tensor: its own name while a job has at most `cap` tensors,
@@ -104,6 +113,16 @@ def angular_step(w2: np.ndarray, wdw: np.ndarray, dw2: np.ndarray) -> np.ndarray
         return np.where((a > 0) & (b > 0), np.sqrt(np.maximum(sq, 0.0)), 0.0)
 
 
+def _unless_deleted(method):
+    """Drops a job's update that comes after the job was deleted (a reply still streaming
+    out), which would otherwise bring its series back."""
+    @functools.wraps(method)
+    def update(self, job, *args):
+        if not job.deleted:
+            method(self, job, *args)
+    return update
+
+
 class MetricsRecorder:
     """Turns what jobs measure into the shard's metrics (the Job's observer).
 
@@ -132,23 +151,33 @@ class MetricsRecorder:
         self.m.workers.labels(job.name).set(len(job.members))
         self.m.version.labels(job.name).set(job.version)
 
+    @_unless_deleted
     def received(self, job, nbytes: int, seconds: float) -> None:
         self.m.bytes_received.labels(job.name).inc(nbytes)
         self.m.step_seconds.labels(job.name, "receive").observe(seconds)
 
+    @_unless_deleted
     def waited(self, job, seconds: float) -> None:
         self.m.barrier_wait.labels(job.name).observe(seconds)
         self.m.step_seconds.labels(job.name, "wait").observe(seconds)
 
+    @_unless_deleted
     def sent(self, job, nbytes: int, seconds: float) -> None:
         self.m.bytes_sent.labels(job.name).inc(nbytes)
         self.m.step_seconds.labels(job.name, "send").observe(seconds)
 
+    @_unless_deleted
     def skipped(self, job, reason: str) -> None:
         self.m.skipped.labels(job.name, reason).inc()
 
+    @_unless_deleted
     def members_changed(self, job) -> None:
         self.m.workers.labels(job.name).set(len(job.members))
+
+    def deleted(self, job) -> None:
+        self._series.pop(job.name, None)
+        self.m.forget_job(job.name)
+        self.m.jobs.dec()
 
     def wants_stats(self, job) -> bool:
         """Whether the step about to be taken (version job.version + 1) needs the backend's
@@ -158,6 +187,7 @@ class MetricsRecorder:
     def _refreshes(self, version: int) -> bool:
         return version % self.every == 0
 
+    @_unless_deleted
     def stepped(self, job, report) -> None:
         """`report` is the job's StepReport for the step just taken."""
         name = job.name

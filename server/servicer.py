@@ -21,6 +21,9 @@ log = logging.getLogger("optserve.server")
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException):
+    if not context.is_active():   # the client cancelled or went away: nobody to answer
+        log.info("a call ended by its client: %s: %s", type(exc).__name__, exc)
+        return
     code, message = status_of(exc)
     if not isinstance(exc, OptserveError):
         log.exception("internal error")
@@ -121,6 +124,11 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     @translate_errors
     def Checkpoint(self, request, context):
         return pb.CheckpointResponse(version=self.store.job(request.job).checkpoint())
+
+    @translate_errors
+    def DeleteJob(self, request, context):
+        self.store.delete(request.job)
+        return pb.DeleteJobResponse()
 
     @translate_errors
     def Restore(self, request, context):

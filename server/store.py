@@ -51,7 +51,19 @@ class ShardStore:
         try:
             return self.jobs[name]
         except KeyError:
-            raise NotFound(f"unknown job {name!r}") from None
+            raise NotFound(f"unknown job {name!r} on this shard (never registered, deleted, or "
+                           "lost when the shard restarted without --checkpoint-dir)") from None
+
+    def delete(self, name: str) -> None:
+        """Forgets the job, its metric series and its checkpoints."""
+        with self.lock:
+            job = self.job(name)
+            del self.jobs[name]
+        job.delete()
+        if self.checkpointer is not None:
+            self.checkpointer.delete(name)
+        job.observer.deleted(job)
+        log.info("deleted job %r", name)
 
     def step(self, header: pb.StepHeader, body: Iterable[RawChunk]) -> tuple[Result, Iterator[RawChunk]]:
         """Runs a Step; returns its result and the reply's chunks, whose sending is timed
@@ -129,7 +141,7 @@ class ShardStore:
         if created:
             job.observer.registered(job)
             _log_registered(job)
-        version, last_step = job.join(header.worker)
+        version, last_step = job.join(header.worker, header.session)
         return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors,
                                       last_step=last_step)
 

@@ -173,6 +173,7 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
     models, ref_model = [make_model(), make_model()], make_model()
     opts = [RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address], job="dup")
             for m in models]
+    opts[0]._session = opts[1]._session   # one client's retry, on a second connection
     for m in models:
         torch.nn.functional.cross_entropy(m(x), y).backward()
     results = []

@@ -107,7 +107,7 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
 
 def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
     """Three async workers keep the stepper busy without a pause (each backend call is
-    slowed to make sure of it); pulls and state reads still get their turn."""
+    slowed to make sure of it); pulls and state reads of a fourth still get their turn."""
     step = cpu.step
 
     def slow_step(*args, **kwargs):
@@ -117,7 +117,7 @@ def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
     monkeypatch.setattr(cpu, "step", slow_step)
     models = [make_model() for _ in range(3)]
     opts = [RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address], job="busy",
-                            rank=r, world_size=3, mode="async", lr=1e-3)
+                            rank=r, world_size=4, mode="async", lr=1e-3)
             for r, m in enumerate(models)]
     stop = threading.Event()
 
@@ -131,7 +131,7 @@ def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
     try:
         time.sleep(0.5)
         reader = RemoteOptimizer(make_model().parameters(), "adamw", servers=[shard.address],
-                                 job="busy", rank=0, world_size=3, mode="async", lr=1e-3,
+                                 job="busy", rank=3, world_size=4, mode="async", lr=1e-3,
                                  rpc_timeout=10, retries=0)
         before = shard.store.job("busy").version
         for _ in range(3):

@@ -144,14 +144,16 @@ class RegisterJobRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RegisterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class RegisterHeader(_message.Message):
-    __slots__ = ("spec", "shard", "worker")
+    __slots__ = ("spec", "shard", "worker", "session")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     spec: JobSpec
     shard: int
     worker: int
-    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class RegisterJobResponse(_message.Message):
     __slots__ = ("created", "version", "tensors", "last_step")
@@ -186,7 +188,7 @@ class StepRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class StepHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype", "version")
+    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype", "version", "session")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class StepHeader(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
@@ -201,7 +204,8 @@ class StepHeader(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[Hyperparameters]
     dtype: DType
     version: int
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -304,6 +308,16 @@ class CheckpointResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("job", "version")

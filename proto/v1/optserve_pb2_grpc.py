@@ -74,6 +74,11 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/optserve.v1.Optimizer/DeleteJob',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -139,6 +144,15 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Ends the job on this shard: its parameters, optimizer state, metric series and
+        checkpoints are gone and its name is free. A step already running finishes; steps
+        waiting for the rest of a sync round, and every later call, get NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +195,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobRequest.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +418,33 @@ class Optimizer:
             '/optserve.v1.Optimizer/Restore',
             optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreRequest.SerializeToString,
             optserve_dot_proto_dot_v1_dot_optserve__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/DeleteJob',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobRequest.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
