@@ -612,6 +612,11 @@ class _WriteBack(Assembler):
             self.k += 1
 
 
+# Below this many parameters on the busiest shard, an uneven placement costs nothing worth
+# a warning: a step that small is dominated by fixed per-call costs.
+_UNBALANCED_MIN_PARAMS = 1 << 20
+
+
 def _warn_if_unbalanced(spec: pb.JobSpec, home: list[int], num_shards: int) -> None:
     """Placement is by whole tensors; one huge tensor can leave the shards uneven."""
     if num_shards < 2:
@@ -620,7 +625,7 @@ def _warn_if_unbalanced(spec: pb.JobSpec, home: list[int], num_shards: int) -> N
     for t, s in zip(spec.tensors, home):
         loads[s] += numel(t.shape)
     mean = sum(loads) / num_shards
-    if max(loads) > 1.25 * mean:
+    if max(loads) > 1.25 * mean and max(loads) >= _UNBALANCED_MIN_PARAMS:
         log.warning("job %r: placement is unbalanced (shard loads %s params, the largest tensor "
                     "has %d); tensors are never split across shards", spec.job, loads,
                     max(numel(t.shape) for t in spec.tensors))

@@ -50,7 +50,14 @@ def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the shard at ADDRESS reports SERVING (for container health checks)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(args.address) as channel:
+    if args.tls_ca or args.tls_cert:
+        read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key),
+                                                   read(args.tls_cert))
+        channel = grpc.secure_channel(args.address, credentials)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -122,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address", help="host:port")
     health.add_argument("--service", default="", help="service name ('' for the whole shard)")
     health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--tls-ca", help="PEM CA of the shard's certificate: check over TLS")
+    health.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    health.add_argument("--tls-key", help="PEM key of --tls-cert")
     health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="train a small model through local shards")

@@ -202,3 +202,15 @@ def test_a_second_client_with_the_same_rank_takes_the_worker_over(shard):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     a.close(leave=False)
     b.close()
+
+
+def test_unbalanced_placement_is_reported_only_where_it_costs(shards, caplog):
+    """One 2M-parameter tensor beside small ones leaves one of two shards with ~2x the mean:
+    logged. The same shape of imbalance in a 4K-parameter model is not worth a warning."""
+    servers = [s.address for s in shards]
+    for size, warned in ((1 << 21, True), (1 << 12, False)):
+        params = [torch.nn.Parameter(torch.zeros(size)), torch.nn.Parameter(torch.zeros(100))]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="optserve.client"):
+            RemoteOptimizer(params, "adamw", servers=servers, job=f"place{size}").delete_job()
+        assert ("placement is unbalanced" in caplog.text) == warned, caplog.text

@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from conftest import DEVICE
 from models import make_data, make_model
+from optserve import cli
 from optserve.client import (PermissionDenied, RemoteOptimizer, ResourceExhausted,
                              Unauthenticated, Unavailable)
 from optserve.server import ShardServer
@@ -80,6 +81,8 @@ def test_tls(pki):
         one_step(server.address, tls_ca=pki["ca"][0])
         with pytest.raises(Unavailable):
             one_step(server.address, job="plain")  # plaintext to a TLS port
+        assert cli.main(["health", server.address, "--tls-ca", pki["ca"][0]]) == 0
+        assert cli.main(["health", server.address, "--timeout", "2"]) == 1   # plaintext
     finally:
         server.stop(0)
 
