@@ -412,7 +412,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def leave(self) -> None:
         """Tells the shards this worker is gone, so sync steps stop waiting for it."""
-        request = pb.LeaveJobRequest(job=self.job, worker=self.rank)
+        request = pb.LeaveJobRequest(job=self.job, worker=self.rank, session=self._session)
         self._call_all(lambda k: self._stubs[k].LeaveJob(request, timeout=self.rpc_timeout))
 
     def delete_job(self) -> None:

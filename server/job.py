@@ -199,6 +199,7 @@ class Job:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
         with self.cond:
             self._wait_idle()
+            self._check_not_deleted()
             self.checkpointer.save(self, self.version, self.worker_step)
             return self.version
 
@@ -208,6 +209,7 @@ class Job:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
         with self.cond:
             self._wait_idle()   # the stepper writes (and prunes) checkpoints
+            self._check_not_deleted()
             if version == self.version:
                 return version
             if version not in self.checkpointer.versions(self.name):
@@ -244,6 +246,7 @@ class Job:
         """A worker (re)joins, held from now on by the client of `session`; returns (version,
         the last step it completed)."""
         with self.cond:
+            self._check_not_deleted()
             if session:
                 self.sessions[worker] = session
             self.members.add(worker)
@@ -252,10 +255,13 @@ class Job:
                 return self.version, self.version
             return self.version, self.worker_step.get(worker, 0)
 
-    def leave(self, worker: int) -> None:
-        """Sync steps stop waiting for `worker`; a waiting round may now be complete."""
+    def leave(self, worker: int, session: str = "") -> None:
+        """Sync steps stop waiting for `worker`; a waiting round may now be complete. A client
+        that no longer holds the worker cannot make it leave."""
         self._check_worker(worker)
+        self._check_session(worker, session)
         with self.cond:
+            self._check_not_deleted()
             self.members.discard(worker)
             self.observer.members_changed(self)
             if self.round is not None and self._quorum_reached(self.round):
@@ -678,12 +684,14 @@ class Job:
     def pull(self) -> Result:
         with self.cond:
             self._wait_idle()
+            self._check_not_deleted()
             return Result(self.version, list(self.tensors),
                           self._snapshot(np.arange(self.layout.num_tensors), pb.FLOAT32))
 
     def state_header_and_payload(self) -> tuple[pb.StateHeader, bytes]:
         with self.cond:
             self._wait_idle()
+            self._check_not_deleted()
             header = pb.StateHeader(job=self.name, optimizer=self.spec.optimizer,
                                     version=self.version, tensors=self.tensors,
                                     steps=[int(s) for s in self.state.steps])
@@ -741,6 +749,7 @@ class Job:
             values[key] = arr
         with self.cond:
             self._wait_idle()
+            self._check_not_deleted()
             for (t, name), arr in values.items():
                 self.layout.field_view(self.state, name, self.local_of[t]).reshape(-1)[:] = arr
             for k, s in zip(local, header.steps):

@@ -118,7 +118,7 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
 
     @translate_errors
     def LeaveJob(self, request, context):
-        self.store.job(request.job).leave(request.worker)
+        self.store.job(request.job).leave(request.worker, request.session)
         return pb.LeaveJobResponse()
 
     @translate_errors

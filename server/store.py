@@ -13,7 +13,7 @@ import numpy as np
 
 from optserve.proto import optimizers
 from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
-                                   ResourceExhausted)
+                                   ResourceExhausted, Unavailable)
 from optserve.proto.spec import dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
@@ -45,6 +45,7 @@ class ShardStore:
         self.checkpoint_every = checkpoint_every if checkpointer is not None else 0
         self.barrier_timeout = barrier_timeout
         self.jobs: dict[str, Job] = {}
+        self.deleting: set[str] = set()   # names whose DeleteJob is still cleaning up
         self.lock = threading.Lock()
 
     def job(self, name: str) -> Job:
@@ -55,14 +56,20 @@ class ShardStore:
                            "lost when the shard restarted without --checkpoint-dir)") from None
 
     def delete(self, name: str) -> None:
-        """Forgets the job, its metric series and its checkpoints."""
+        """Forgets the job, its metric series and its checkpoints. The name stays reserved
+        until they are gone: the cleanup is by name, and must not reach a new job's."""
         with self.lock:
             job = self.job(name)
             del self.jobs[name]
-        job.delete()
-        if self.checkpointer is not None:
-            self.checkpointer.delete(name)
-        job.observer.deleted(job)
+            self.deleting.add(name)
+        try:
+            job.delete()
+            if self.checkpointer is not None:
+                self.checkpointer.delete(name)
+            job.observer.deleted(job)
+        finally:
+            with self.lock:
+                self.deleting.discard(name)
         log.info("deleted job %r", name)
 
     def step(self, header: pb.StepHeader, body: Iterable[RawChunk]) -> tuple[Result, Iterator[RawChunk]]:
@@ -131,6 +138,8 @@ class ShardStore:
         if not np.isfinite(params).all():
             raise InvalidArgument(f"job {spec.job!r}: non-finite initial parameters")
         with self.lock:
+            if spec.job in self.deleting:   # UNAVAILABLE: the client retries with backoff
+                raise Unavailable(f"job {spec.job!r} is being deleted; register again shortly")
             job, created = self.jobs.get(spec.job), False
             if job is not None:
                 _check_same_spec(job, spec, header.shard)
@@ -138,8 +147,8 @@ class ShardStore:
                 self._check_limits(spec, local)
                 job = self._new_job(spec, header.shard, params)
                 self.jobs[spec.job], created = job, True
+                job.observer.registered(job)   # under the lock: before any delete can run
         if created:
-            job.observer.registered(job)
             _log_registered(job)
         version, last_step = job.join(header.worker, header.session)
         return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors,

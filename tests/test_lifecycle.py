@@ -214,3 +214,58 @@ def test_unbalanced_placement_is_reported_only_where_it_costs(shards, caplog):
         with caplog.at_level("WARNING", logger="optserve.client"):
             RemoteOptimizer(params, "adamw", servers=servers, job=f"place{size}").delete_job()
         assert ("placement is unbalanced" in caplog.text) == warned, caplog.text
+
+
+def test_calls_that_found_the_job_before_it_was_deleted_change_nothing(tmp_path):
+    """A checkpoint, leave, pull or state write that looked the job up just before DeleteJob
+    ran gets NOT_FOUND and writes nothing: no checkpoint for a restart to bring back."""
+    server = ShardServer("127.0.0.1", 0, device=DEVICE, checkpoint_dir=str(tmp_path)).start()
+    try:
+        model = make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="late",
+                              rank=0, world_size=2)
+        stale = server.store.job("late")
+        server.store.delete("late")
+        for call in (stale.checkpoint, lambda: stale.leave(1), stale.pull,
+                     stale.state_header_and_payload, lambda: stale.join(1),
+                     lambda: stale.roll_back(0)):
+            with pytest.raises(NotFound, match="deleted"):
+                call()
+        assert not any(tmp_path.iterdir())
+        opt.close(leave=False)
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_client_that_lost_its_rank_cannot_make_it_leave(shard):
+    """Sync, two workers. Rank 0 is taken over by a newer client; the old one's close()
+    must not take rank 0 out of the quorum, so the new rank 0 and rank 1 still step
+    together: both gradients averaged into one step (oracle: torch's AdamW on the mean)."""
+    models = [make_model() for _ in range(3)]
+    old, new, other = (RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address],
+                                       job="quorum", rank=r, world_size=2, lr=1e-2)
+                       for m, r in zip(models, (0, 0, 1)))
+    old.close()   # refused on the shard (logged), so rank 0 stays a member
+    assert shard.store.job("quorum").members == {0, 1}
+    data = [make_data(seed=s) for s in (1, 2)]
+    threads = [threading.Thread(target=lambda m=m, o=o, d=d: (
+        torch.nn.functional.cross_entropy(m(d[0]), d[1]).backward(), o.step()))
+        for m, o, d in ((models[1], new, data[0]), (models[2], other, data[1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert new.dropped_steps == other.dropped_steps == 0
+    reference = make_model()
+    grads = []
+    for x, y in data:
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        grads.append([p.grad.clone() for p in reference.parameters()])
+    for p, g0, g1 in zip(reference.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    torch.optim.AdamW(reference.parameters(), lr=1e-2).step()
+    for p, q in zip(models[1].parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    new.close()
+    other.close()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import make_data, make_model
-from optserve.client import Internal, RemoteOptimizer
+from optserve.client import Internal, RemoteOptimizer, Unavailable, delete_job
 from optserve.kernels import cpu
 from optserve.server import ShardServer
 from optserve.server import job as job_module
@@ -144,3 +144,52 @@ def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
             t.join()
     for o in opts:
         o.close()
+
+
+def test_a_name_is_reserved_until_its_deletion_has_cleaned_up(tmp_path, monkeypatch):
+    """DeleteJob waits for a running step before it removes the job's series and checkpoints
+    (by name); a registration of the same name meanwhile is UNAVAILABLE, and the one after
+    it gets a clean job: its own series, checkpoints and steps (oracle: torch's AdamW)."""
+    step = cpu.step
+    slow = threading.Event()
+
+    def slow_step(*args, **kwargs):
+        if slow.is_set():
+            time.sleep(0.3)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "step", slow_step)
+    server = ShardServer("127.0.0.1", 0, device="cpu", checkpoint_dir=str(tmp_path),
+                         checkpoint_every=1).start()
+    try:
+        old = make_model()
+        opt = RemoteOptimizer(old.parameters(), "adamw", servers=[server.address], job="again")
+        slow.set()
+        stepping = threading.Thread(target=train, args=(old, opt, 1))
+        stepping.start()
+        while server.store.jobs["again"].pending == 0:   # on the stepper, slowed
+            time.sleep(0.005)
+        deleting = threading.Thread(target=delete_job, args=([server.address], "again"))
+        deleting.start()
+        while "again" not in server.store.deleting:
+            time.sleep(0.005)
+        with pytest.raises(Unavailable, match="being deleted"):
+            RemoteOptimizer(make_model().parameters(), "adamw", servers=[server.address],
+                            job="again", retries=0)
+        stepping.join()
+        deleting.join()
+        slow.clear()
+        opt.close(leave=False)
+
+        model, reference = make_model(), make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="again",
+                              lr=1e-2)
+        train(model, opt, 2)
+        train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), 2)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert Checkpointer(tmp_path).versions("again") == [1, 2]
+        assert server.store.job("again").version == 2
+        opt.close()
+    finally:
+        server.stop(grace=0)

@@ -168,12 +168,14 @@ class RegisterJobResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., last_step: _Optional[int] = ...) -> None: ...
 
 class LeaveJobRequest(_message.Message):
-    __slots__ = ("job", "worker")
+    __slots__ = ("job", "worker", "session")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class LeaveJobResponse(_message.Message):
     __slots__ = ()
