@@ -65,6 +65,8 @@ def _adamp_to_proto(group, h):
 
 
 def _adafactor_to_proto(group, h):
+    if group["lr"] is None and not group["relative_step"]:
+        raise ValueError("adafactor needs an lr when relative_step=False")
     h.lr = 0.0 if group["lr"] is None else float(group["lr"])
     h.eps, h.eps2 = (float(e) for e in group["eps"])
     h.clip_threshold = float(group["clip_threshold"])
@@ -112,7 +114,7 @@ def _validate_adamp(h):
 
 def _validate_adafactor(h):
     _finite(h, "lr", "eps", "eps2", "clip_threshold", "decay_rate", "weight_decay")
-    _check(h.relative_step or h.lr > 0, "adafactor needs lr > 0 when relative_step=False")
+    _check(h.relative_step or h.lr >= 0, f"adafactor needs lr >= 0, got {h.lr}")
     _check(not (h.relative_step and h.lr != 0),
            "adafactor cannot combine a manual lr with relative_step=True")
     _check(not h.warmup_init or h.relative_step, "warmup_init=True requires relative_step=True")

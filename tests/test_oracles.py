@@ -35,6 +35,12 @@ def step_lr(opt):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
 
 
+def to_zero(opt):
+    """Linear decay that reaches lr = 0 two thirds of the way and stays there (a warm-up
+    and decay schedule's end, or a frozen group)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / (STEPS * 2 // 3)))
+
+
 def groups_lr(model, wd, named=False):
     """Two groups; the second has no weight decay and half the learning rate."""
     groups = param_groups(model, wd, named)
@@ -95,6 +101,10 @@ CASES = {
                               lambda m: hf.Adafactor(param_groups(m, 0.0), lr=1e-3,
                                                      relative_step=False, scale_parameter=False,
                                                      beta1=0.8), step_lr),
+    "adafactor-lr-to-zero": ("adafactor", dict(lr=LR, relative_step=False),
+                             lambda m: groups_lr(m, WD),
+                             lambda m: hf.Adafactor(groups_lr(m, WD), lr=LR, relative_step=False),
+                             to_zero),
     "adafactor-vs-torch": ("adafactor", dict(),
                            lambda m: param_groups(m, 0.0),
                            lambda m: torch.optim.Adafactor(param_groups(m, 0.0), lr=1e-2), None),
