@@ -124,6 +124,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         _check_servers(servers)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if mode == "sync" and (max_staleness is not None or staleness_lr):
+            raise ValueError("max_staleness and staleness_lr are for mode='async'")
+        if mode == "async" and (backup_workers or timeout is not None or on_timeout != "fail"):
+            raise ValueError("backup_workers, timeout and on_timeout are for mode='sync'")
         super().__init__(params, {**info.defaults, **hyperparameters})
         tune_malloc()
         self.info = info
@@ -213,7 +217,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for shard, reply in enumerate(self._call_all(register)):
             self._step_no[shard], self._version[shard] = reply.last_step, reply.version
             if not reply.created:  # the job's parameters win over this worker's initial ones
+                log.info("job %r exists on shard %d at version %d: joined it, with its "
+                         "parameters", self.job, shard, reply.version)
                 self._pull(shard)
+
+    @property
+    def version(self) -> int:
+        """The parameter version the model holds (the lowest over the shards): in sync mode,
+        the number of steps the job has taken, which is where a restarted worker resumes."""
+        return min(self._version)
 
     # ---- the step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -230,6 +242,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # Every shard hears from every worker each step, even with no gradient for it, so
         # that a sync barrier never waits for a worker that has nothing to send.
         replies = self._call_all(lambda k: self._step_shard(k, groups, have_grad))
+        if any(reply.dropped for reply in replies):   # once per step, however many shards
+            self.dropped_steps += 1
         rolled = [reply.version for reply in replies if reply.drop_reason == "rolled_back"]
         if rolled:
             self._roll_back_to(min(rolled))
@@ -280,7 +294,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         reply = self._retrying(lambda: buffers.receive(
             self._stubs[shard].Step(requests(), timeout=self.rpc_timeout), self._params))
         if reply.dropped:
-            self.dropped_steps += 1
             log.info("job %r: shard %d dropped this worker's %s gradient for step %d",
                      self.job, shard, reply.drop_reason, step)
         # sync: steps are numbered by version, so a late worker catches up to the job's.

@@ -53,7 +53,8 @@ class ShardStore:
             return self.jobs[name]
         except KeyError:
             raise NotFound(f"unknown job {name!r} on this shard (never registered, deleted, or "
-                           "lost when the shard restarted without --checkpoint-dir)") from None
+                           "lost in a restart: without --checkpoint-dir, or before its first "
+                           "checkpoint)") from None
 
     def delete(self, name: str) -> None:
         """Forgets the job, its metric series and its checkpoints. The name stays reserved

@@ -269,3 +269,32 @@ def test_a_client_that_lost_its_rank_cannot_make_it_leave(shard):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     new.close()
     other.close()
+
+
+def test_a_skipped_step_counts_once_however_many_shards(shards):
+    """nonfinite="skip" over two shards: one NaN gradient skips one step (both shards drop
+    it), the model keeps its parameters bit for bit, and the next step applies."""
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[s.address for s in shards],
+                          job="skip2", nonfinite="skip")
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.dropped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    train(model, opt, 1)
+    assert opt.dropped_steps == 1
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.close()
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("sync", dict(max_staleness=2)), ("sync", dict(staleness_lr=True)),
+    ("async", dict(backup_workers=1)), ("async", dict(timeout=5.0)),
+    ("async", dict(on_timeout="proceed")),
+])
+def test_options_of_the_other_mode_are_refused(mode, options):
+    with pytest.raises(ValueError, match="are for mode="):
+        RemoteOptimizer(make_model().parameters(), "adamw", servers=["127.0.0.1:1"], job="m",
+                        mode=mode, world_size=2, **options)

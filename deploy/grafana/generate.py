@@ -176,7 +176,8 @@ def service() -> db.Dashboard:
             "Steps/s and skipped gradients", "ops",
             # Every shard holding part of a job steps it: max, not sum, over shards.
             q(f"max by (job) (rate(optserve_steps_total{{{JOB}}}[{RATE}]))", "{{job}} steps"),
-            q(f"sum by (job, reason) (rate(optserve_skipped_steps_total{{{JOB}}}[{RATE}]))",
+            # every shard counts the same skipped step: max over shards, as for steps
+            q(f"max by (job, reason) (rate(optserve_skipped_steps_total{{{JOB}}}[{RATE}]))",
               "{{job}} skipped: {{reason}}"),
             description="Optimizer steps applied, and gradients received but not applied: late "
                         "(quorum already met), stale (over the staleness bound), nonfinite."))
