@@ -271,12 +271,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         and the model to its parameters."""
         def restore(k: int):
             if self._version[k] != version:
-                self._stubs[k].Restore(pb.RestoreRequest(job=self.job, version=version),
-                                       timeout=self.rpc_timeout)
+                reply = self._stubs[k].Restore(
+                    pb.RestoreRequest(job=self.job, version=version, worker=self.rank),
+                    timeout=self.rpc_timeout)
+                self._step_no[k] = reply.last_step   # async: this worker's own step count
             self._pull(k)
         self._call_all(restore)
-        if self.spec.mode == pb.SYNC:
-            self._step_no = [version] * len(self._stubs)
 
     def _step_shard(self, shard: int, groups, have_grad) -> pb.TensorHeader:
         tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]

@@ -203,22 +203,28 @@ class Job:
             self.checkpointer.save(self, self.version, self.worker_step)
             return self.version
 
-    def roll_back(self, version: int) -> int:
-        """Returns the job to its checkpoint at `version` (a no-op when already there)."""
+    def roll_back(self, version: int, worker: int = 0) -> tuple[int, int]:
+        """Returns the job to its checkpoint at `version` (a no-op when already there);
+        returns the version and `worker`'s last step the job now holds."""
         if self.checkpointer is None:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
+        self._check_worker(worker)
         with self.cond:
             self._wait_idle()   # the stepper writes (and prunes) checkpoints
             self._check_not_deleted()
             if version == self.version:
-                return version
+                return version, self._last_step(worker)
             if version not in self.checkpointer.versions(self.name):
                 raise FailedPrecondition(f"job {self.name!r} has no checkpoint at version {version} "
                                          f"(has {self.checkpointer.versions(self.name)})")
             manifest, _spec, state = self.checkpointer.load_version(self.name, version)
             self.restore(version, state, {int(w): s for w, s in manifest["worker_steps"].items()})
             log.info("job %r rolled back to version %d", self.name, version)
-            return version
+            return version, self._last_step(worker)
+
+    def _last_step(self, worker: int) -> int:
+        """The last step of `worker` the job holds: sync steps are numbered by version."""
+        return self.version if self.sync else self.worker_step.get(worker, 0)
 
     @property
     def sync(self) -> bool:
@@ -251,9 +257,7 @@ class Job:
                 self.sessions[worker] = session
             self.members.add(worker)
             self.observer.members_changed(self)
-            if self.sync:
-                return self.version, self.version
-            return self.version, self.worker_step.get(worker, 0)
+            return self.version, self._last_step(worker)
 
     def leave(self, worker: int, session: str = "") -> None:
         """Sync steps stop waiting for `worker`; a waiting round may now be complete. A client
@@ -334,8 +338,7 @@ class Job:
                      self.name, worker, version, self.version)
             return Result(self.version, list(self.tensors),
                           self._snapshot(np.arange(self.layout.num_tensors), self.param_dtype),
-                          self.param_dtype, ROLLED_BACK,
-                          self.version if self.sync else self.worker_step.get(worker, 0))
+                          self.param_dtype, ROLLED_BACK, self._last_step(worker))
 
     def _check_order(self, worker: int, header: pb.StepHeader) -> None:
         with self.cond:

@@ -132,4 +132,5 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
 
     @translate_errors
     def Restore(self, request, context):
-        return pb.RestoreResponse(version=self.store.job(request.job).roll_back(request.version))
+        version, last_step = self.store.job(request.job).roll_back(request.version, request.worker)
+        return pb.RestoreResponse(version=version, last_step=last_step)

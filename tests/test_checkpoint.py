@@ -11,13 +11,14 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 import workers
 from conftest import DEVICE
 from models import make_data, make_model
 from optserve import local
-from optserve.client import RemoteOptimizer
+from optserve.client import RemoteOptimizer, RolledBack
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server.checkpoint import Checkpointer
@@ -200,3 +201,42 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a, b)
     print(f"{kills} kills; rollbacks {[r[2] for r in crashed]}")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rolled_back_recipe_on_two_shards_ends_as_torch_does(tmp_path, mode):
+    """One worker, two shard processes checkpointing every 5 versions; shard 0 is SIGKILLed
+    after step 13 and restarted. The README's RolledBack recipe (replay from e.step, data
+    chosen by step index) ends exactly where torch's AdamW ends after 20 steps, in both modes
+    (async used to fail after the roll-back: the restored shard expected an older step)."""
+    ports = [local.free_port() for _ in range(2)]
+    servers = [f"127.0.0.1:{p}" for p in ports]
+    dirs = [tmp_path / f"shard{k}" for k in range(2)]
+    procs = [start_shard(p, d, every=5) for p, d in zip(ports, dirs)]
+    model, reference = make_model(), make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="recipe",
+                          mode=mode, lr=1e-2)
+    step, rolled_back = 0, []
+    try:
+        while step < 20:
+            if step == 13 and not rolled_back:
+                procs[0].kill()
+                procs[0].wait()
+                procs[0] = start_shard(ports[0], dirs[0], every=5)
+            try:
+                train(model, opt, 1, seed=100 + step)
+                step += 1
+            except RolledBack as e:
+                rolled_back.append(e.step)
+                step = e.step
+        ref = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for i in range(20):
+            train(reference, ref, 1, seed=100 + i)
+        assert rolled_back == [10]
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        opt.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

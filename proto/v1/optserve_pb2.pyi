@@ -322,15 +322,19 @@ class DeleteJobResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("job", "version")
+    __slots__ = ("job", "version", "worker")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    worker: int
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class RestoreResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "last_step")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    last_step: int
+    def __init__(self, version: _Optional[int] = ..., last_step: _Optional[int] = ...) -> None: ...
