@@ -220,6 +220,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 log.info("job %r exists on shard %d at version %d: joined it, with its "
                          "parameters", self.job, shard, reply.version)
                 self._pull(shard)
+        if self.spec.mode == pb.SYNC and len(set(self._version)) > 1:
+            # A shard came back from a checkpoint while no worker that knew the newer version
+            # stepped: claim the newest everywhere, so that the first step rolls every shard
+            # back to the oldest (RolledBack) instead of mixing versions in one model.
+            log.warning("job %r: the shards hold versions %s; the first step will roll them "
+                        "back to %d", self.job, self._version, min(self._version))
+            self._version = [max(self._version)] * len(self._version)
 
     @property
     def version(self) -> int:

@@ -240,3 +240,48 @@ def test_rolled_back_recipe_on_two_shards_ends_as_torch_does(tmp_path, mode):
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_a_restarted_worker_rolls_back_shards_that_disagree(tmp_path):
+    """The worker and shard 0 die together after step 13 (checkpoints every 5). A new worker
+    registers and finds the shards at versions 10 and 13: its first step raises RolledBack(10)
+    and brings both to 10, and the recipe ends as torch's AdamW after 20 steps (before, the
+    model silently held half of version 10 and half of version 13)."""
+    ports = [local.free_port() for _ in range(2)]
+    servers = [f"127.0.0.1:{p}" for p in ports]
+    dirs = [tmp_path / f"shard{k}" for k in range(2)]
+    procs = [start_shard(p, d, every=5) for p, d in zip(ports, dirs)]
+    try:
+        model = make_model()
+        first = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="rejoin",
+                                lr=1e-2)
+        for i in range(13):
+            train(model, first, 1, seed=100 + i)
+        procs[0].kill()
+        procs[0].wait()
+        procs[0] = start_shard(ports[0], dirs[0], every=5)
+        first.close(leave=False)   # the worker "died" with it
+
+        model = make_model(seed=7)  # a fresh process: its own initial values, replaced
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="rejoin",
+                              lr=1e-2)
+        step, rolled_back = opt.version, []
+        while step < 20:
+            try:
+                train(model, opt, 1, seed=100 + step)
+                step += 1
+            except RolledBack as e:
+                rolled_back.append(e.step)
+                step = e.step
+        reference = make_model()
+        ref = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for i in range(20):
+            train(reference, ref, 1, seed=100 + i)
+        assert rolled_back == [10]
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        opt.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
