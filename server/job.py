@@ -91,6 +91,7 @@ class StepReport:
     workers: int
     staleness: int
     version: int                  # the version the step produced
+    lr_divisor: int               # the groups' lr was applied divided by this (staleness_lr)
 
 
 @dataclass
@@ -553,7 +554,7 @@ class Job:
                 first = work.contributions[min(work.contributions)]
                 self.observer.stepped(self, StepReport(
                     seconds, work.active, stats, first.groups, len(work.contributions),
-                    first.staleness, work.version))
+                    first.staleness, work.version, self._lr_divisor(first.staleness)))
         except BaseException as exc:
             if progress is None:
                 raise
@@ -664,9 +665,12 @@ class Job:
         """Per-tensor float64 arrays of every hyperparameter, from per-group values."""
         per_group = {key: np.array([_hyper_value(h, key) for h in groups], np.float64)
                      for key in HYPER_KEYS}
-        if self.spec.staleness_lr and staleness > 1:
-            per_group["lr"] /= staleness
+        per_group["lr"] /= self._lr_divisor(staleness)
         return {key: vals[self.seg_group] for key, vals in per_group.items()}
+
+    def _lr_divisor(self, staleness: int) -> int:
+        """The staleness of a stale gradient when the job scales lr by 1/staleness, else 1."""
+        return staleness if self.spec.staleness_lr and staleness > 1 else 1
 
     def _snapshot(self, local: np.ndarray, dtype: int) -> np.ndarray:
         """The parameters of the `local` tensors, back to back as `dtype` bytes."""

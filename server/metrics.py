@@ -37,8 +37,10 @@ class ShardMetrics:
                                   "||w_{t+1} - w_t|| / ||w_t||", t, registry=r)
         self.grad_norm = Gauge("optserve_grad_norm", "L2 norm of the (averaged) gradient "
                                "applied in the last step", t, registry=r)
-        self.learning_rate = Gauge("optserve_learning_rate", "Learning rate of the last step, "
-                                   "per parameter group", ("job", "group"), registry=r)
+        self.learning_rate = Gauge("optserve_learning_rate", "Learning rate applied in the last "
+                                   "step, per parameter group (after staleness_lr; 0 for "
+                                   "Adafactor's relative_step, which sets its own)",
+                                   ("job", "group"), registry=r)
         self.projected_tensors = Gauge("optserve_adamp_projected_tensors", "AdamP: tensors "
                                        "whose update was projected in the last step", ("job",),
                                        registry=r)
@@ -197,7 +199,7 @@ class MetricsRecorder:
         if job.spec.mode == pb.ASYNC:
             self.m.staleness.labels(name).observe(report.staleness)
         for g, h in enumerate(report.groups):
-            self.m.learning_rate.labels(name, str(g)).set(h.lr)
+            self.m.learning_rate.labels(name, str(g)).set(h.lr / report.lr_divisor)
         active = report.active
         self.m.stepped_tensors.labels(name).set(int(active.sum()))
         if job.spec.optimizer == "adamp":
