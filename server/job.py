@@ -207,9 +207,9 @@ class Job:
     def roll_back(self, version: int, worker: int = 0) -> tuple[int, int]:
         """Returns the job to its checkpoint at `version` (a no-op when already there);
         returns the version and `worker`'s last step the job now holds."""
+        self._check_worker(worker)
         if self.checkpointer is None:
             raise FailedPrecondition("this shard has no --checkpoint-dir")
-        self._check_worker(worker)
         with self.cond:
             self._wait_idle()   # the stepper writes (and prunes) checkpoints
             self._check_not_deleted()

@@ -203,43 +203,72 @@ def test_crash_recovery_with_sigkill_ends_bit_identical(tmp_path):
     print(f"{kills} kills; rollbacks {[r[2] for r in crashed]}")
 
 
+class TwoShards:
+    """Two shard processes checkpointing every 5 versions, each on its own port and directory."""
+
+    def __init__(self, tmp_path):
+        self.ports = [local.free_port() for _ in range(2)]
+        self.servers = [f"127.0.0.1:{p}" for p in self.ports]
+        self.dirs = [tmp_path / f"shard{k}" for k in range(2)]
+        self.procs = [start_shard(p, d, every=5) for p, d in zip(self.ports, self.dirs)]
+
+    def crash_and_restart(self, k: int) -> None:
+        self.procs[k].kill()
+        self.procs[k].wait()
+        self.procs[k] = start_shard(self.ports[k], self.dirs[k], every=5)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def train_with_recipe(model, opt, start: int, end: int, before_step=lambda step: None) -> list[int]:
+    """The README's RolledBack recipe, data chosen by step index; returns the roll-backs."""
+    step, rolled_back = start, []
+    while step < end:
+        before_step(step)
+        try:
+            train(model, opt, 1, seed=100 + step)
+            step += 1
+        except RolledBack as e:
+            rolled_back.append(e.step)
+            step = e.step
+    return rolled_back
+
+
+def assert_matches_torch_adamw(model, steps: int, lr: float) -> None:
+    reference = make_model()
+    ref = torch.optim.AdamW(reference.parameters(), lr=lr)
+    for i in range(steps):
+        train(reference, ref, 1, seed=100 + i)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_rolled_back_recipe_on_two_shards_ends_as_torch_does(tmp_path, mode):
     """One worker, two shard processes checkpointing every 5 versions; shard 0 is SIGKILLed
-    after step 13 and restarted. The README's RolledBack recipe (replay from e.step, data
-    chosen by step index) ends exactly where torch's AdamW ends after 20 steps, in both modes
-    (async used to fail after the roll-back: the restored shard expected an older step)."""
-    ports = [local.free_port() for _ in range(2)]
-    servers = [f"127.0.0.1:{p}" for p in ports]
-    dirs = [tmp_path / f"shard{k}" for k in range(2)]
-    procs = [start_shard(p, d, every=5) for p, d in zip(ports, dirs)]
-    model, reference = make_model(), make_model()
-    opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="recipe",
-                          mode=mode, lr=1e-2)
-    step, rolled_back = 0, []
+    after step 13 and restarted. The README's RolledBack recipe ends exactly where torch's
+    AdamW ends after 20 steps, in both modes (async used to fail after the roll-back: the
+    restored shard expected an older step)."""
+    shards = TwoShards(tmp_path)
     try:
-        while step < 20:
-            if step == 13 and not rolled_back:
-                procs[0].kill()
-                procs[0].wait()
-                procs[0] = start_shard(ports[0], dirs[0], every=5)
-            try:
-                train(model, opt, 1, seed=100 + step)
-                step += 1
-            except RolledBack as e:
-                rolled_back.append(e.step)
-                step = e.step
-        ref = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        for i in range(20):
-            train(reference, ref, 1, seed=100 + i)
-        assert rolled_back == [10]
-        for p, q in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        model = make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=shards.servers, job="recipe",
+                              mode=mode, lr=1e-2)
+        crashed = []
+
+        def crash_once(step: int) -> None:
+            if step == 13 and not crashed:
+                shards.crash_and_restart(0)
+                crashed.append(step)
+
+        assert train_with_recipe(model, opt, 0, 20, crash_once) == [10]
+        assert_matches_torch_adamw(model, 20, lr=1e-2)
         opt.close()
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        shards.stop()
 
 
 def test_a_restarted_worker_rolls_back_shards_that_disagree(tmp_path):
@@ -247,41 +276,20 @@ def test_a_restarted_worker_rolls_back_shards_that_disagree(tmp_path):
     registers and finds the shards at versions 10 and 13: its first step raises RolledBack(10)
     and brings both to 10, and the recipe ends as torch's AdamW after 20 steps (before, the
     model silently held half of version 10 and half of version 13)."""
-    ports = [local.free_port() for _ in range(2)]
-    servers = [f"127.0.0.1:{p}" for p in ports]
-    dirs = [tmp_path / f"shard{k}" for k in range(2)]
-    procs = [start_shard(p, d, every=5) for p, d in zip(ports, dirs)]
+    shards = TwoShards(tmp_path)
     try:
         model = make_model()
-        first = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="rejoin",
-                                lr=1e-2)
-        for i in range(13):
-            train(model, first, 1, seed=100 + i)
-        procs[0].kill()
-        procs[0].wait()
-        procs[0] = start_shard(ports[0], dirs[0], every=5)
+        first = RemoteOptimizer(model.parameters(), "adamw", servers=shards.servers,
+                                job="rejoin", lr=1e-2)
+        assert train_with_recipe(model, first, 0, 13) == []
+        shards.crash_and_restart(0)
         first.close(leave=False)   # the worker "died" with it
 
         model = make_model(seed=7)  # a fresh process: its own initial values, replaced
-        opt = RemoteOptimizer(model.parameters(), "adamw", servers=servers, job="rejoin",
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=shards.servers, job="rejoin",
                               lr=1e-2)
-        step, rolled_back = opt.version, []
-        while step < 20:
-            try:
-                train(model, opt, 1, seed=100 + step)
-                step += 1
-            except RolledBack as e:
-                rolled_back.append(e.step)
-                step = e.step
-        reference = make_model()
-        ref = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        for i in range(20):
-            train(reference, ref, 1, seed=100 + i)
-        assert rolled_back == [10]
-        for p, q in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert train_with_recipe(model, opt, opt.version, 20) == [10]
+        assert_matches_torch_adamw(model, 20, lr=1e-2)
         opt.close()
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        shards.stop()

@@ -315,7 +315,28 @@ def test_bytes_that_do_not_parse_are_invalid_argument(shard, job, name):
     with grpc.insecure_channel(shard.address) as channel:   # raw bytes, no serializer
         step = channel.stream_stream("/optserve.v1.Optimizer/Step")
         pull = channel.unary_stream("/optserve.v1.Optimizer/PullParameters")
+        delete = channel.unary_unary("/optserve.v1.Optimizer/DeleteJob")
+        restore = channel.unary_unary("/optserve.v1.Optimizer/Restore")
         for call in (lambda: list(step(iter([header, UNPARSEABLE[name]]))),
                      lambda: list(step(iter([UNPARSEABLE[name]]))),
-                     lambda: list(pull(UNPARSEABLE[name]))):
+                     lambda: list(pull(UNPARSEABLE[name])),
+                     lambda: delete(UNPARSEABLE[name]), lambda: restore(UNPARSEABLE[name])):
             refused(stub, call, grpc.StatusCode.INVALID_ARGUMENT, "is not a valid")
+
+
+def test_delete_restore_and_a_foreign_session_are_refused_without_change(job):
+    """DeleteJob of another name, Restore without checkpoints or of a worker out of range, and
+    a Step whose session does not hold its worker: each its status, the job untouched."""
+    opt, stub = job
+    refused(stub, lambda: stub.DeleteJob(pb.DeleteJobRequest(job="no-such-job")),
+            grpc.StatusCode.NOT_FOUND, "unknown job 'no-such-job'")
+    refused(stub, lambda: stub.Restore(pb.RestoreRequest(job=JOB, version=1)),
+            grpc.StatusCode.FAILED_PRECONDITION, "no --checkpoint-dir")
+    refused(stub, lambda: stub.Restore(pb.RestoreRequest(job=JOB, version=1, worker=7)),
+            grpc.StatusCode.INVALID_ARGUMENT, "worker 7 out of range")
+    header = step_header(opt, session="someone-else")
+    refused(stub, lambda: send_step(stub, header, grad_bytes(opt)),
+            grpc.StatusCode.FAILED_PRECONDITION, "held by another client")
+    refused(stub, lambda: stub.LeaveJob(pb.LeaveJobRequest(job=JOB, worker=0,
+                                                          session="someone-else")),
+            grpc.StatusCode.FAILED_PRECONDITION, "held by another client")
