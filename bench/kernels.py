@@ -10,11 +10,11 @@ For each optimizer (AdamW, AdamP, Adafactor), size (16M, 64M parameters) and lay
 it measures, after warm-up, the median time of several steps of
   optserve            the backend `get_backend("auto")` picks: the numba CPU kernels here,
                       the CUDA kernels where a GPU is visible (state kept on the device).
-                      Never the NumPy reference. Stepped with stats=False: what a shard runs
+                      Never the NumPy reference. Stepped with sums=False: what a shard runs
                       for a step that refreshes no per-tensor metrics (every step but one in
                       --metrics-every N, and every step without metrics); the peers compute
                       no statistics either. This is the row the targets judge.
-  optserve+stats      the same backend with stats=True: the float64 sums (‖w‖², ⟨w, Δw⟩,
+  optserve+sums       the same backend with sums=True: the float64 sums (‖w‖², ⟨w, Δw⟩,
                       ‖Δw‖², ‖g‖²) a metrics refresh needs, summed in the same pass. Shown
                       so that their cost can be read off ("optserve ÷ this" in its row).
   peers               AdamW: torch.optim.AdamW fused=True and foreach=True;
@@ -138,27 +138,20 @@ def reps_for(n: int, quick: bool) -> int:
 
 # ---- optserve ---------------------------------------------------------------------------------
 def _hyper(optimizer: str, n_tensors: int):
-    """Per-tensor hyperparameter arrays from the registry defaults, through the wire form."""
-    from optserve.kernels.layout import HYPER_KEYS
+    """(Hyper, wire form) of one group of the registry defaults, as a shard builds it."""
+    from optserve.kernels import Hyper
     from optserve.proto.optimizers import REGISTRY, group_to_proto
     group = dict(REGISTRY[optimizer].defaults)
     if optimizer == "adamw":
         group["weight_decay"] = 0.01
     h = group_to_proto(optimizer, group, initial_lr=group["lr"] or 1e-2)
-    out = {}
-    for key in HYPER_KEYS:
-        if key == "adafactor_beta1":
-            value = h.adafactor_beta1 if h.HasField(key) else math.nan
-        else:
-            value = float(getattr(h, key))
-        out[key] = np.full(n_tensors, value, np.float64)
-    return out, h
+    return Hyper.from_groups([h], np.zeros(n_tensors, int)), h
 
 
-def optserve_step(optimizer: str, shapes, backend, stats: bool = False):
-    """(step, sync) of optserve's backend on a fresh job with these tensors; `stats`: whether
+def optserve_step(optimizer: str, shapes, backend, sums: bool = False):
+    """(step, sync) of optserve's backend on a fresh job with these tensors; `sums`: whether
     each step also computes the per-tensor float64 sums of a metrics refresh."""
-    from optserve.kernels.layout import FlatLayout, FlatState
+    from optserve.kernels import FlatLayout, FlatState
     from optserve.proto.optimizers import REGISTRY
     hyper, proto = _hyper(optimizer, len(shapes))
     layout = FlatLayout(shapes, [REGISTRY[optimizer].state_fields(s, proto) for s in shapes])
@@ -175,7 +168,7 @@ def optserve_step(optimizer: str, shapes, backend, stats: bool = False):
 
     def step():
         state.steps[:] += 1
-        backend.step(optimizer, layout, state, grad, active, hyper, stats=stats)
+        backend.step(optimizer, layout, state, grad, active, hyper, sums=sums)
     return step, sync
 
 
@@ -265,7 +258,7 @@ def roofline_steps(n: int, gpu: bool) -> dict[str, tuple[Callable[[], None], Cal
 
 ROOFLINE = ("stream (AdamW bytes)", "copy")
 # optserve's rows: without the metric sums (what the targets judge), and with them.
-OURS = ("optserve", "optserve+stats")
+OURS = ("optserve", "optserve+sums")
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -291,7 +284,7 @@ def _set_threads() -> None:
 
 def _add_ratios(records: list[dict]) -> None:
     """optserve_ratio on every other record of the same optimizer, size and layout (peers, and
-    optserve+stats): optserve's params/s over its own; fraction_of_roofline_gb_per_s on
+    optserve+sums): optserve's params/s over its own; fraction_of_roofline_gb_per_s on
     optserve's records (GB/s over the stream's GB/s)."""
     ours = {(r["optimizer"], r["params"], r["layout"]): r for r in records if r["impl"] == "optserve"}
     stream = {r["params"]: r for r in records if r["impl"] == "stream (AdamW bytes)"}
@@ -350,8 +343,8 @@ def _markdown(records: list[dict], device: str, quick: bool) -> list[str]:
         "so it can exceed 100 % on a noisy machine).",
         "All implementations of one configuration are timed in interleaved rounds (one step of "
         "each per round; median over rounds after 2 warm-up steps).",
-        "optserve steps with stats=False, as a shard does for every step that refreshes no "
-        "per-tensor metrics, and is what the targets judge; optserve+stats is the same "
+        "optserve steps with sums=False, as a shard does for every step that refreshes no "
+        "per-tensor metrics, and is what the targets judge; optserve+sums is the same "
         "backend computing the float64 sums of a metrics refresh (‖w‖², ⟨w, Δw⟩, ‖Δw‖², ‖g‖²) "
         "in the same pass, and 'optserve ÷ this' in its row is what skipping them gains.",
         "Gradients are random, so AdamP rarely projects; ratios compare implementations "
@@ -392,8 +385,8 @@ def main(args: argparse.Namespace) -> int:
                 if quick and layout == "one-tensor" and optimizer != "adamw":
                     continue
                 shapes = shapes_for(layout, n)
-                steps = {"optserve": optserve_step(optimizer, shapes, backend, stats=False),
-                         "optserve+stats": optserve_step(optimizer, shapes, backend, stats=True)}
+                steps = {"optserve": optserve_step(optimizer, shapes, backend, sums=False),
+                         "optserve+sums": optserve_step(optimizer, shapes, backend, sums=True)}
                 if peer_device is not None:
                     for impl in PEERS[optimizer]:
                         if not (quick and impl == "torch.AdamW(foreach)"):

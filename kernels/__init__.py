@@ -1,33 +1,37 @@
-"""Optimizer math over a job's flat buffers.
+"""Optimizer math over a job's flat buffers (`optserve.kernels`).
 
-`get_backend(device)` is the one place that chooses an implementation; every backend has
-`step(optimizer, layout, state, grad, active, hyper, *, stats=True) -> dict`. `reference` is
-the NumPy ground truth the fast paths are tested against.
-
-The dict always holds "projected" and "clip" (per tensor, cheap). The float64 sums the
-per-tensor metrics need, "w2", "wdw", "dw2" and "g2", are computed only with stats=True;
-with stats=False every backend leaves those four keys out (absent, not zeros, so a
-consumer that reads them without asking fails loudly instead of reporting zeros), skips
-their arithmetic, and leaves θ and the state bit-for-bit as stats=True would.
+One module per optimizer (`adam`, `adamp`, `adafactor`, ...) holds its NumPy reference, its
+numba CPU kernels and its CUDA driver (kernels in `csrc/`), and registers them
+(`registry`). A backend runs every registered optimizer: `reference` (the ground truth),
+`cpu` (numba) or `cuda` (CuPy); `kernels/backend.py` is their contract, and
+`get_backend(device)` the one place that picks one.
 """
 from __future__ import annotations
 
-from optserve.kernels.layout import HYPER_KEYS, FlatLayout, FlatState
+import logging
 
-__all__ = ["HYPER_KEYS", "FlatLayout", "FlatState", "get_backend"]
+from optserve.kernels.backend import Backend, Report, StepResult, StepSums
+from optserve.kernels.hyper import DecayMode, Hyper
+from optserve.kernels.layout import FlatLayout, FlatState
+
+__all__ = ["Backend", "DecayMode", "FlatLayout", "FlatState", "Hyper", "Report", "StepResult",
+           "StepSums", "get_backend"]
+
+log = logging.getLogger("optserve.kernels")
 
 
 def _cuda_available() -> bool:
     try:
         import cupy
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no cupy, no driver, or no device: all mean "no GPU here"
+    except Exception as e:  # no cupy, no driver, or no device: all mean "no GPU here"
+        log.debug("no CUDA GPU: %s: %s", type(e).__name__, e)
         return False
 
 
-def get_backend(device: str = "auto"):
-    """The backend module for `device`: auto (cuda if a GPU is visible, else cpu), cpu, cuda,
-    or reference (the NumPy ground truth, for debugging)."""
+def get_backend(device: str = "auto") -> Backend:
+    """The backend for `device`: auto (cuda if a GPU is visible, else cpu), cpu, cuda, or
+    reference (the NumPy ground truth, for debugging)."""
     if device == "auto":
         device = "cuda" if _cuda_available() else "cpu"
     if device == "cpu":

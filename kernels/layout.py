@@ -95,10 +95,3 @@ class FlatState:
         return FlatState(self.param.copy(), {k: v.copy() for k, v in self.fields.items()},
                          self.steps.copy())
 
-
-# Per-tensor hyperparameter arrays a backend's step() receives, all float64 of length T.
-# Flags are 0.0/1.0; an unset Adafactor beta1 is NaN; weight_decay_mode is 0 (lr),
-# 1 (schedule) or 2 (fixed), the values of the proto enum.
-HYPER_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay", "weight_decay_mode", "initial_lr",
-              "maximize", "delta", "wd_ratio", "nesterov", "eps2", "clip_threshold",
-              "decay_rate", "adafactor_beta1", "scale_parameter", "relative_step", "warmup_init")

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from optserve.kernels import HYPER_KEYS, FlatLayout, FlatState, convert
+from optserve.kernels import FlatLayout, FlatState, Hyper, StepResult, convert
 from optserve.proto import optimizers
 from optserve.proto.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                                    NotFound)
@@ -86,7 +86,7 @@ class StepReport:
     """What one finished step measured, for the job's observer (the metrics recorder)."""
     compute_seconds: float
     active: np.ndarray            # bool per local tensor
-    stats: dict                   # the backend's per-tensor statistics
+    result: StepResult            # the backend's per-tensor reports and sums
     groups: list[pb.Hyperparameters]
     workers: int
     staleness: int
@@ -102,8 +102,8 @@ class StepWork:
     skip: bool                    # a non-finite gradient under the skip policy: no arithmetic
     active: np.ndarray            # bool per local tensor: what is stepped
     shown: np.ndarray             # local tensors whose parameters the reply carries, in order
-    hyper: dict[str, np.ndarray]
-    stats: bool                   # whether the observer wants the float64 step sums
+    hyper: Hyper
+    sums: bool                    # whether the observer wants the float64 step sums
     result: Result
     checkpoint: dict[int, int] | None   # worker steps, when a checkpoint is due at `version`
 
@@ -119,7 +119,7 @@ class NoObserver:
     def members_changed(self, job): pass
     def deleted(self, job): pass
     def stepped(self, job, report): pass
-    def wants_stats(self, job): return False
+    def wants_sums(self, job): return False
 
 
 class Job:
@@ -506,7 +506,7 @@ class Job:
                 active[c.local] = True
         shown = np.arange(self.layout.num_tensors) if skip else np.flatnonzero(active)
         first = rnd.contributions[min(rnd.contributions)]
-        stats = not skip and self.observer.wants_stats(self)
+        sums = not skip and self.observer.wants_sums(self)
         version = self.version + 1
         itemsize = WIRE_ITEMSIZE[self.param_dtype]
         result = Result(version, [self.tensors[k] for k in shown],
@@ -515,10 +515,10 @@ class Job:
         due = not skip and self.checkpoint_every and version % self.checkpoint_every == 0
         steps_after = {**self.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
         work = StepWork(version, dict(rnd.contributions), skip, active, shown,
-                        self._hyper_arrays(first.groups, first.staleness), stats, result,
+                        self._hyper(first.groups, first.staleness), sums, result,
                         steps_after if due else None)
         inline = (self.pending == 0 and len(result.payload) <= CHUNK_BYTES
-                  or not self.backend.STEPS_IN_PARTS)
+                  or not self.backend.steps_in_parts)
         if inline:
             self._run_step(work)   # a failure raises here, before anything is settled
         else:
@@ -549,11 +549,11 @@ class Job:
         the stepper, it ends by letting the next step (or any reader of the state) go."""
         progress = work.result.progress
         try:
-            stats, seconds = self._step_parts(work)
+            result, seconds = self._step_parts(work)
             if not work.skip:
                 first = work.contributions[min(work.contributions)]
                 self.observer.stepped(self, StepReport(
-                    seconds, work.active, stats, first.groups, len(work.contributions),
+                    seconds, work.active, result, first.groups, len(work.contributions),
                     first.staleness, work.version, self._lr_divisor(first.staleness)))
         except BaseException as exc:
             if progress is None:
@@ -594,7 +594,7 @@ class Job:
         """The step's arithmetic and its reply; returns the backend's per-tensor statistics
         and the seconds spent in the backend."""
         progress, payload = work.result.progress, work.result.payload
-        stats, seconds, pos = {}, 0.0, 0
+        result, seconds, pos = None, 0.0, 0
         parts = self._parts(work.shown, WIRE_ITEMSIZE[self.param_dtype])
         for i, part in enumerate(parts):
             if not work.skip:
@@ -605,21 +605,24 @@ class Job:
                 self.state.steps[part] += 1
                 try:
                     out = self.backend.step(self.spec.optimizer, self.layout, self.state, grad,
-                                            mask, work.hyper, stats=work.stats)
+                                            mask, work.hyper, sums=work.sums)
                 except BaseException:
                     self.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
                     raise
                 seconds += time.perf_counter() - start
-                _merge_stats(stats, out, mask)
+                if result is None:
+                    result = out
+                else:
+                    result.take(out, mask)
             pos = self._encode(part, self.param_dtype, payload, pos)
             if progress is not None and i < len(parts) - 1:   # the last waits for _run_step
                 progress.advance(pos)
-        return stats, seconds
+        return result, seconds
 
     def _parts(self, local: np.ndarray, itemsize: int) -> list[np.ndarray]:
         """`local` as runs of whole tensors of at least one reply chunk each (one run when
         the backend steps in one call), each stepped and sent as soon as it is done."""
-        if not self.backend.STEPS_IN_PARTS:
+        if not self.backend.steps_in_parts:
             return [local]
         nbytes = self.layout.sizes[local] * itemsize
         target = max(CHUNK_BYTES, int(nbytes.sum()) // MAX_PARTS)
@@ -661,12 +664,8 @@ class Job:
             mean /= np.float32(len(senders))
         return self.mean_grad
 
-    def _hyper_arrays(self, groups: list[pb.Hyperparameters], staleness: int) -> dict[str, np.ndarray]:
-        """Per-tensor float64 arrays of every hyperparameter, from per-group values."""
-        per_group = {key: np.array([_hyper_value(h, key) for h in groups], np.float64)
-                     for key in HYPER_KEYS}
-        per_group["lr"] /= self._lr_divisor(staleness)
-        return {key: vals[self.seg_group] for key, vals in per_group.items()}
+    def _hyper(self, groups: list[pb.Hyperparameters], staleness: int) -> Hyper:
+        return Hyper.from_groups(groups, self.seg_group, self._lr_divisor(staleness))
 
     def _lr_divisor(self, staleness: int) -> int:
         """The staleness of a stale gradient when the job scales lr by 1/staleness, else 1."""
@@ -766,21 +765,6 @@ class Job:
     def _expected_entries(self, local: np.ndarray) -> dict[tuple[int, str], tuple[int, ...]]:
         return {(self.tensors[k], name): shape
                 for k in local for name, shape in self.layout.field_shapes[k].items()}
-
-
-def _hyper_value(h: pb.Hyperparameters, key: str) -> float:
-    if key == "adafactor_beta1":
-        return h.adafactor_beta1 if h.HasField("adafactor_beta1") else math.nan
-    return float(getattr(h, key))
-
-
-def _merge_stats(into: dict, part: dict, mask: np.ndarray) -> None:
-    """Takes the per-tensor statistics of the tensors in `mask` from one part of a step."""
-    if not into:
-        into.update(part)
-        return
-    for key, values in part.items():
-        into[key][mask] = values[mask]
 
 
 def _drain(chunks: Iterable[RawChunk]) -> None:

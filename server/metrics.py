@@ -12,6 +12,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from optserve.kernels.backend import SUM_NAMES, Report
 from optserve.proto.v1 import optserve_pb2 as pb
 
 # Phase latency buckets: from sub-millisecond steps of small models to multi-second steps
@@ -181,7 +182,7 @@ class MetricsRecorder:
         self.m.forget_job(job.name)
         self.m.jobs.dec()
 
-    def wants_stats(self, job) -> bool:
+    def wants_sums(self, job) -> bool:
         """Whether the step about to be taken (version job.version + 1) needs the backend's
         float64 step sums: only when it refreshes the per-tensor gauges (see stepped)."""
         return self._refreshes(job.version + 1)
@@ -202,22 +203,26 @@ class MetricsRecorder:
             self.m.learning_rate.labels(name, str(g)).set(h.lr / report.lr_divisor)
         active = report.active
         self.m.stepped_tensors.labels(name).set(int(active.sum()))
-        if job.spec.optimizer == "adamp":
-            self.m.projected_tensors.labels(name).set(int(report.stats["projected"][active].sum()))
-        if job.spec.optimizer == "adafactor" and active.any():
-            clip = report.stats["clip"][active]
-            self.m.clip_ratio.labels(name).set(float(clip.mean()))
-            self.m.clipped_tensors.labels(name).set(int((clip > 1).sum()))
-        if self._refreshes(report.version):   # the stats asked for in wants_stats
+        for kind, values in report.result.reports.items():
+            self._report(name, kind, values[active])
+        if self._refreshes(report.version):   # the sums asked for in wants_sums
             self._tensor_gauges(job, report)
+
+    def _report(self, job: str, kind: Report, values: np.ndarray) -> None:
+        """An optimizer's own per-tensor report, over the tensors just stepped."""
+        if kind is Report.PROJECTED:
+            self.m.projected_tensors.labels(job).set(int(values.sum()))
+        elif kind is Report.CLIP and values.size:
+            self.m.clip_ratio.labels(job).set(float(values.mean()))
+            self.m.clipped_tensors.labels(job).set(int((values > 1).sum()))
 
     def _tensor_gauges(self, job, report) -> None:
         labels, index, gauges = self._series[job.name]
         active = report.active
         sums = {}
-        for key in ("w2", "wdw", "dw2", "g2"):
+        for key in SUM_NAMES:
             total = np.zeros(len(labels))
-            np.add.at(total, index[active], report.stats[key][active])
+            np.add.at(total, index[active], getattr(report.result.sums, key)[active])
             sums[key] = total
         seen = np.zeros(len(labels), bool)
         seen[index[active]] = True

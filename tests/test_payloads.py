@@ -12,7 +12,7 @@ import torch
 
 from optserve.client import InvalidArgument, OptserveError
 from optserve.client.remote import _Buffers
-from optserve.kernels import reference
+from optserve.kernels.convert import decode_reference
 from optserve.proto.spec import DTYPE_NAMES
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
@@ -42,7 +42,7 @@ def test_decoded_into_runs_whatever_the_chunk_boundaries(wire, chunk):
     assert decoder.finish() is True
     expected = np.full(10_000, -7.0, np.float32)
     decoded = np.empty(n, np.float32)
-    reference.decode(np.frombuffer(payload, np.uint8), wire, decoded)
+    decode_reference(np.frombuffer(payload, np.uint8), wire, decoded)
     pos = 0
     for start, length in runs:
         expected[start:start + length] = decoded[pos:pos + length]

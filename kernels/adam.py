@@ -1,0 +1,212 @@
+"""AdamW and Adam: the NumPy reference, the numba CPU kernel and the CUDA driver.
+
+    AdamW:  θ ← θ·decay;        m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v/√bc2 + ε)
+    Adam:   g ← g + λθ (L2);    m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v/√bc2 + ε)
+
+with moments m ← m + (1−β1)(g − m), v ← β2·v + (1−β2)·g², bc_i = 1 − β_i^t, g negated
+under `maximize`, and decay the decoupled factor of the job's weight_decay_mode
+(kernels/hyper.py). ε is added after the bias-corrected square root, as torch does.
+
+References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+Alg. 2; Kingma & Ba, "Adam", ICLR 2015, Alg. 1; torch.optim.AdamW / Adam (the oracles).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import prange
+
+from optserve.kernels import cpu_tiles
+from optserve.kernels.backend import CudaKernels, Kernel, StepCall, View
+from optserve.kernels.cpu_tiles import TENSOR
+from optserve.kernels.hyper import DecayMode, Hyper, decay_factor
+from optserve.kernels.numba_ops import (F32, add_step_sums, field, inline, kernel,
+                                        reduce_step_terms, span, spans, tile_sums)
+
+# ---------------------------------------------------------------------------------------
+# The NumPy reference, one tensor at a time (float32 data, float64 scalars)
+# ---------------------------------------------------------------------------------------
+
+
+def moments(grad, state, beta1, beta2):
+    """m ← lerp(m, g, 1−β1);  v ← β2·v + (1−β2)·g²."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m += F32(1.0 - beta1) * (grad - m)
+    v *= F32(beta2)
+    v += F32(1.0 - beta2) * (grad * grad)
+    return m, v
+
+
+def denominator(v, step, beta2, eps):
+    """√v/√bc2 + ε (ε after the bias-corrected square root, as torch)."""
+    return np.sqrt(v) / F32(math.sqrt(1.0 - beta2**step)) + F32(eps)
+
+
+def adamw(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay,
+          weight_decay_mode=DecayMode.LR, initial_lr=None, maximize=False):
+    """AdamW, decoupled decay applied to θ_{t−1} before the Adam step (torch.optim.AdamW)."""
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        param *= F32(decay_factor(weight_decay_mode, lr, weight_decay, initial_lr or lr))
+    m, v = moments(g, state, beta1, beta2)
+    param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
+
+
+def adam(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay, maximize=False):
+    """Adam with classic coupled L2: g ← g + λθ_{t−1}, then the Adam step (torch.optim.Adam)."""
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + F32(weight_decay) * param
+    m, v = moments(g, state, beta1, beta2)
+    param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
+
+
+def _reference(param, grad, state, step, h: Hyper, *, coupled: bool) -> dict:
+    if coupled:
+        adam(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+             weight_decay=h.weight_decay, maximize=h.maximize)
+    else:
+        adamw(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+              weight_decay=h.weight_decay, weight_decay_mode=DecayMode(h.weight_decay_mode),
+              initial_lr=h.initial_lr, maximize=h.maximize)
+    return {}
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (numba): one fused pass over the flat view
+# ---------------------------------------------------------------------------------------
+
+# Per-tensor float32 coefficients of the Adam-family kernels (AdamP's too), one column each.
+(A_SIGN, A_L2_ON, A_L2, A_DECAY, A_B1, A_C1, A_B2, A_C2, A_SBC2, A_EPS, A_STEP,
+ A_NESTEROV) = range(12)
+A_COLUMNS = 12
+
+
+def bias_corrections(h: Hyper, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(√bc2, lr/bc1) per tensor, in float64: the update is (lr/bc1)·m/(√v/√bc2 + ε)."""
+    return np.sqrt(1.0 - h.beta2 ** steps), h.lr / (1.0 - h.beta1 ** steps)
+
+
+def cpu_coefficients(h: Hyper, steps: np.ndarray) -> np.ndarray:
+    """The columns the Adam family shares (β's, √bc2, lr/bc1), in float64; no sign flip, no
+    L2, no decay."""
+    coef = np.zeros((len(steps), A_COLUMNS), np.float64)
+    coef[:, A_SIGN] = coef[:, A_DECAY] = 1.0
+    coef[:, A_B1], coef[:, A_C1] = h.beta1, 1.0 - h.beta1
+    coef[:, A_B2], coef[:, A_C2] = h.beta2, 1.0 - h.beta2
+    coef[:, A_SBC2], coef[:, A_STEP] = bias_corrections(h, steps)
+    coef[:, A_EPS] = h.eps
+    return coef
+
+
+@inline
+def cpu_moments(g, m, v, c1, b2, c2):
+    """m ← m + (1−β1)(g − m);  v ← β2·v + (1−β2)·g²   (float32, the reference's rounding)."""
+    m = m + c1 * (g - m)
+    v = v * b2
+    v = v + c2 * (g * g)
+    return m, v
+
+
+@inline
+def cpu_direction(g, m, v, sbc2, eps, nesterov, b1, c1):
+    """u = m/(√v/√bc2 + ε), or (β1·m + (1−β1)·g)/(√v/√bc2 + ε) with Nesterov (AdamP)."""
+    d = np.sqrt(v) / sbc2 + eps
+    if nesterov:
+        return (b1 * m + c1 * g) / d
+    return m / d
+
+
+@inline
+def adam_span(p, g, m, v, cf, sums, k):
+    """The Adam update of one span, with the coefficient row cf (A_ columns):
+        g ← ±g (+ λθ for coupled L2);  m, v ← moments(g);  θ ← θ·decay − (lr/bc1)·u
+    Adds the span's step sums to sums[k] (if sums is not None)."""
+    sign, l2_on, l2, decay = cf[A_SIGN], cf[A_L2_ON] != 0, cf[A_L2], cf[A_DECAY]
+    b1, c1, b2, c2 = cf[A_B1], cf[A_C1], cf[A_B2], cf[A_C2]
+    sbc2, eps, step, nesterov = cf[A_SBC2], cf[A_EPS], cf[A_STEP], cf[A_NESTEROV] != 0
+    w2 = wdw = dw2 = g2 = 0.0
+    for j in range(p.shape[0]):
+        pj = p[j]
+        gj = sign * g[j]
+        if l2_on:
+            gj = gj + l2 * pj
+        mj, vj = cpu_moments(gj, m[j], v[j], c1, b2, c2)
+        m[j], v[j] = mj, vj
+        new = pj * decay - step * cpu_direction(gj, mj, vj, sbc2, eps, nesterov, b1, c1)
+        p[j] = new
+        if sums is not None:
+            w2, wdw, dw2, g2 = reduce_step_terms(w2, wdw, dw2, g2, pj, new, g[j])
+    if sums is not None:
+        add_step_sums(sums[k], (w2, wdw, dw2, g2))
+
+
+@kernel
+def _adam_kernel(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, p_off, m_off, v_off,
+                 sums):
+    """adam_span over every span of every tile; sums[k] = the tile's step sums (sums None:
+    none computed)."""
+    for k in prange(tiles.shape[0]):
+        tile = tiles[k]
+        t = tile[TENSOR]
+        count, n = spans(tile, cols[t])
+        if sums is not None:
+            sums[k, :] = 0.0
+        for x in range(count):
+            s, _ = span(tile, rows[t], cols[t], x)
+            po, mo, vo = p_off[t] + s, m_off[t] + s, v_off[t] + s
+            adam_span(param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n],
+                      exp_avg_sq[vo:vo + n], coef[t], sums, k)
+
+
+def _cpu(call: StepCall, *, coupled: bool) -> None:
+    h, layout, state = call.hyper, call.layout, call.state
+    coef = cpu_coefficients(h, call.steps)
+    coef[:, A_SIGN] = np.where(h.maximize, -1.0, 1.0)
+    if coupled:   # g ← g + λθ
+        coef[:, A_L2_ON], coef[:, A_L2] = h.weight_decay != 0, h.weight_decay
+    else:
+        coef[:, A_DECAY] = h.decay_factors(call.active)
+    plan = cpu_tiles.plan(layout, View.FLAT)
+    m, m_off = field(layout, state, "exp_avg")
+    v, v_off = field(layout, state, "exp_avg_sq")
+    tiles = plan.select(call.active)
+    sums = tile_sums(tiles, call.sums)
+    _adam_kernel(tiles, plan.rows, plan.cols, coef.astype(F32), state.param, call.grad,
+                 m, v, layout.offsets, m_off, v_off, sums)
+    if sums is not None:
+        call.result.sums.add_tiles(tiles[:, TENSOR], sums)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (kernels/csrc/adam.cu): one launch of adam_apply
+# ---------------------------------------------------------------------------------------
+
+def _cuda(call: StepCall, cs, *, coupled: bool) -> None:
+    h = call.hyper
+    cf = cs.table("AdamCoef")
+    cf.active = call.active
+    cf.sign = np.where(h.maximize, -1.0, 1.0)
+    cf.decay = 1.0
+    if coupled:
+        cf.l2_on, cf.l2 = h.weight_decay != 0, h.weight_decay
+    else:
+        cf.decay = h.decay_factors(call.active)
+    cf.c1, cf.b2, cf.c2, cf.eps = 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps
+    cf.sbc2, cf.step = bias_corrections(h, call.steps)
+    cs.launch("adam_apply", cs.n_tiles, cs.tiles, cs.tinfo, cs.upload(cf), cs.param, cs.grad,
+              cs.gkind, cs.field("exp_avg"), cs.field("exp_avg_sq"), cs.tile_sums, cs.with_sums)
+
+
+def _record(name: str, coupled: bool) -> Kernel:
+    return Kernel(name, View.FLAT, (),
+                  reference=functools.partial(_reference, coupled=coupled),
+                  cpu=functools.partial(_cpu, coupled=coupled),
+                  cuda=CudaKernels("adam.cu", ("adam_apply",),
+                                   functools.partial(_cuda, coupled=coupled)))
+
+
+ADAMW = _record("adamw", coupled=False)   # oracle: torch.optim.AdamW
+ADAM = _record("adam", coupled=True)      # oracle: torch.optim.Adam

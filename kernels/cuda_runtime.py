@@ -1,0 +1,137 @@
+"""The CUDA sources and the runtime that compiles and runs them, for any optimizer.
+
+The kernels live in kernels/csrc: `common.cuh` (tables, loads, reductions, the step sums)
+and one `.cu` file per optimizer. `assemble` joins the files an optimizer set needs into
+one translation unit (each header once, `#line` markers so that compiler messages name
+the real file and line); CuPy keys its kernel cache on that whole text, so an edited
+header is never served from a stale cache.
+
+The host reads its layouts from the same files: `constant("TC")` is an integer #define,
+`struct_dtype("AdamCoef")` the NumPy dtype of a struct of double or i64 fields. A table
+the host fills by field name is therefore laid out exactly as the kernel reads it.
+
+`CupyRuntime` is the one object that touches CuPy, imported on first use: importing this
+module needs no GPU and no CuPy. Tests install a host emulation with the same methods
+(kernels.cuda.use_runtime).
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+from typing import Iterable
+
+import numpy as np
+
+CSRC = pathlib.Path(__file__).with_name("csrc")
+
+# NVRTC options: C++17, and no FMA contraction (the reference rounds every mul and add).
+# `/` and sqrtf are IEEE (NVRTC's default --prec-div=true --prec-sqrt=true).
+OPTIONS = ("-std=c++17", "--fmad=false")
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+
+
+def assemble(files: Iterable[str]) -> str:
+    """One translation unit of the kernels in `files` (names in kernels/csrc), with every
+    `#include "..."` inlined once."""
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def add(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        lines = (CSRC / name).read_text().splitlines()
+        out.append(f'#line 1 "{name}"')
+        for number, line in enumerate(lines, start=1):
+            include = _INCLUDE.match(line)
+            if include:
+                add(include.group(1))
+                out.append(f'#line {number + 1} "{name}"')
+            elif line.strip() != "#pragma once":
+                out.append(line)
+
+    for name in files:
+        add(name)
+    return "\n".join(out) + "\n"
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)
+
+
+@functools.cache
+def _declarations() -> tuple[dict[str, int], dict[str, np.dtype]]:
+    """Every integer #define and every struct of double or i64 fields in kernels/csrc."""
+    defines: dict[str, int] = {}
+    structs: dict[str, np.dtype] = {}
+    for path in sorted(CSRC.glob("*.cu*")):
+        text = _strip_comments(path.read_text())
+        for name, value in re.findall(r"^\s*#define\s+(\w+)\s+(-?\d+)\s*$", text, flags=re.M):
+            defines[name] = int(value)
+        for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{([^{}]*)\}\s*;", text):
+            fields = []
+            for decl in filter(None, (d.strip() for d in body.split(";"))):
+                ctype, names = decl.split(None, 1)
+                if ctype not in ("double", "i64"):
+                    break
+                fields += [(n.strip(), "<f8" if ctype == "double" else "<i8")
+                           for n in names.split(",")]
+            else:
+                structs[name] = np.dtype(fields)
+    return defines, structs
+
+
+def constant(name: str) -> int:
+    """An integer #define of the CUDA sources."""
+    return _declarations()[0][name]
+
+
+def struct_dtype(name: str) -> np.dtype:
+    """The NumPy dtype laid out as CUDA struct `name` (all fields double, or all i64)."""
+    return _declarations()[1][name]
+
+
+def flat(table: np.ndarray) -> np.ndarray:
+    """A table of structs as the flat float64 or int64 array that is uploaded."""
+    base = table.dtype[0] if table.dtype.names else table.dtype
+    return np.ascontiguousarray(table).reshape(-1).view(base)
+
+
+class CupyRuntime:
+    """Device arrays, copies and launches through CuPy. The methods are the runtime
+    interface that kernels/cuda.py uses (and a test emulation implements)."""
+
+    def __init__(self, source: str) -> None:
+        import cupy
+        self.cp = cupy
+        self.module = cupy.RawModule(code=source, options=OPTIONS)
+        self._kernels: dict[str, object] = {}
+        self.device_name = cupy.cuda.runtime.getDeviceProperties(
+            cupy.cuda.Device().id)["name"].decode()
+
+    def is_device_array(self, x) -> bool:
+        return isinstance(x, self.cp.ndarray)
+
+    def upload(self, x: np.ndarray):
+        return self.cp.asarray(x)
+
+    def download(self, x) -> np.ndarray:
+        return self.cp.asnumpy(x)
+
+    def copy_into(self, host: np.ndarray, dev) -> None:
+        dev.get(out=host)
+
+    def empty(self, n: int, dtype):
+        return self.cp.empty(max(int(n), 1), dtype)
+
+    def launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
+        if grid <= 0:
+            return
+        fn = self._kernels.get(kernel)
+        if fn is None:
+            fn = self._kernels[kernel] = self.module.get_function(kernel)
+        # Every scalar argument of the kernels is an i64 (`long long`).
+        fn((int(grid),), (int(block),), tuple(np.int64(a) if isinstance(a, (int, np.integer))
+                                              else a for a in args))
