@@ -8,8 +8,9 @@ from optserve.kernels.adafactor import ADAFACTOR
 from optserve.kernels.adam import ADAM, ADAMW
 from optserve.kernels.adamp import ADAMP
 from optserve.kernels.backend import Kernel
+from optserve.kernels.lion import LION
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (ADAMW, ADAM, ADAMP, ADAFACTOR)}
+KERNELS: dict[str, Kernel] = {k.name: k for k in (ADAMW, ADAM, ADAMP, ADAFACTOR, LION)}
 
 
 def get(name: str) -> Kernel:

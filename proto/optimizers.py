@@ -28,6 +28,10 @@ def _adam_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]:
     return {"exp_avg": shape, "exp_avg_sq": shape}
 
 
+def _momentum_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]:
+    return {"exp_avg": shape}
+
+
 def adafactor_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]:
     fields: dict[str, Shape] = {}
     if hyper.HasField("adafactor_beta1"):
@@ -49,12 +53,29 @@ def _adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
     h.amsgrad = bool(group.get("amsgrad", False))
 
 
-def _adamw_to_proto(group, h):
-    _adam_to_proto(group, h)
-    mode = group.get("weight_decay_mode", "lr")
+def _decay_mode_to_proto(mode: str, h: pb.Hyperparameters) -> None:
     if mode not in DECAY_MODES:
         raise InvalidArgument(f"weight_decay_mode must be one of {sorted(DECAY_MODES)}, got {mode!r}")
     h.weight_decay_mode = DECAY_MODES[mode]
+
+
+def _adamw_to_proto(group, h):
+    _adam_to_proto(group, h)
+    _decay_mode_to_proto(group.get("weight_decay_mode", "lr"), h)
+
+
+def _lion_to_proto(group, h):
+    h.lr = float(group["lr"])
+    h.beta1, h.beta2 = (float(b) for b in group["betas"])
+    h.weight_decay = float(group["weight_decay"])
+    h.maximize = bool(group.get("maximize", False))
+    mode = group.get("weight_decay_mode", "lr")
+    if group.get("decoupled_weight_decay"):   # lion-pytorch's name for λ/lr₀
+        if mode not in ("lr", "schedule"):
+            raise ValueError(f"decoupled_weight_decay=True is weight_decay_mode='schedule', "
+                             f"not {mode!r}")
+        mode = "schedule"
+    _decay_mode_to_proto(mode, h)
 
 
 def _adamp_to_proto(group, h):
@@ -98,11 +119,23 @@ def _validate_adam(h: pb.Hyperparameters) -> None:
     _check(not h.amsgrad, "amsgrad is not supported by optserve v1")
 
 
-def _validate_adamw(h):
-    _validate_adam(h)
+def _validate_decay_mode(h: pb.Hyperparameters) -> None:
     _check(h.weight_decay_mode in DECAY_MODE_NAMES, f"unknown weight_decay_mode {h.weight_decay_mode}")
     if h.weight_decay_mode == pb.WEIGHT_DECAY_SCHEDULE:
         _check(h.initial_lr > 0, "weight_decay_mode='schedule' needs an initial lr > 0")
+
+
+def _validate_adamw(h):
+    _validate_adam(h)
+    _validate_decay_mode(h)
+
+
+def _validate_lion(h):
+    _finite(h, "lr", "beta1", "beta2", "weight_decay")
+    _check(h.lr >= 0, f"lr must be >= 0, got {h.lr}")
+    _check(0 <= h.beta1 <= 1 and 0 <= h.beta2 <= 1, f"betas must be in [0, 1], got ({h.beta1}, {h.beta2})")
+    _check(h.weight_decay >= 0, f"weight_decay must be >= 0, got {h.weight_decay}")
+    _validate_decay_mode(h)
 
 
 def _validate_adamp(h):
@@ -162,6 +195,11 @@ REGISTRY: dict[str, OptimizerInfo] = {
         dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
              weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False),
         _adafactor_to_proto, _validate_adafactor, adafactor_state, False),
+    "lion": OptimizerInfo(  # oracle: lion_pytorch.Lion
+        "lion",
+        dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, weight_decay_mode="lr",
+             decoupled_weight_decay=False, maximize=False),
+        _lion_to_proto, _validate_lion, _momentum_state, False),
 }
 
 

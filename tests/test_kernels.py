@@ -80,6 +80,11 @@ CASES = {
     "adafactor-weight-decay": Case("adafactor", ({"weight_decay": 0.1},
                                                  {"weight_decay": 0.01, "beta1": 0.5, "lr": 1e-2,
                                                   "relative_step": False, "decay_rate": -0.5})),
+    "lion-lr": Case("lion", ({"weight_decay": 0.1, "lr": 1e-3}, {"weight_decay": 0.0, "betas": (0.95, 0.98)})),
+    "lion-schedule-maximize": Case("lion", ({"weight_decay_mode": "schedule", "weight_decay": 0.5,
+                                             "maximize": True},
+                                            {"weight_decay_mode": "fixed", "weight_decay": 0.01}),
+                                   initial_lr_scale=2.0),
 }
 
 
@@ -261,14 +266,15 @@ def test_backend_matches_reference(backend, case_name):
     run_parity(backend, case_name)
 
 
-@pytest.mark.parametrize("case_name", ["adamw-lr", "adamp-orthogonal", "adafactor-beta1"])
+@pytest.mark.parametrize("case_name", ["adamw-lr", "adamp-orthogonal", "adafactor-beta1", "lion-lr"])
 def test_cuda_device_resident_state(cuda_backend, case_name):
     """State kept as device arrays (what a shard would hold) steps the same."""
     run_parity(cuda_backend, case_name, device_state=True, steps=3)
 
 
 @pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("case_name", ["adamw-maximize", "adamp-random", "adafactor-defaults"])
+@pytest.mark.parametrize("case_name", ["adamw-maximize", "adamp-random", "adafactor-defaults",
+                                       "lion-schedule-maximize"])
 def test_cuda_16bit_gradients(cuda_backend, case_name, grad_dtype):
     """bf16 bits / fp16 gradients are widened exactly: the same result as their float32 values."""
     run_parity(cuda_backend, case_name, grad_dtype=grad_dtype, steps=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import adamp
+import lion_pytorch
 import pytest
 import torch
 import transformers.optimization as hf
@@ -108,6 +109,13 @@ CASES = {
     "adafactor-vs-torch": ("adafactor", dict(),
                            lambda m: param_groups(m, 0.0),
                            lambda m: torch.optim.Adafactor(param_groups(m, 0.0), lr=1e-2), None),
+    "lion": ("lion", dict(lr=1e-3, weight_decay=WD),
+             lambda m: groups_lr(m, WD),
+             lambda m: lion_pytorch.Lion(groups_lr(m, WD), lr=1e-3, weight_decay=WD), cosine),
+    "lion-decoupled": ("lion", dict(lr=LR, betas=(0.95, 0.98), decoupled_weight_decay=True),
+                       lambda m: groups_lr(m, 1.0),
+                       lambda m: lion_pytorch.Lion(groups_lr(m, 1.0), lr=LR, betas=(0.95, 0.98),
+                                                   decoupled_weight_decay=True), step_lr),
 }
 
 

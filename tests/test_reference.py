@@ -5,7 +5,8 @@ against an independent oracle, one tensor at a time, and the reference backend
 Oracles (docs/optimizers.md, "Oracles"):
 - torch.optim.AdamW / torch.optim.Adam (for-loop implementation, float32);
 - adamp.AdamP 0.3.0 (the normative AdamP code);
-- transformers.optimization.Adafactor (paper/fairseq semantics) and torch.optim.Adafactor.
+- transformers.optimization.Adafactor (paper/fairseq semantics) and torch.optim.Adafactor;
+- lion_pytorch.Lion (the Lion paper's algorithm).
 
 Every test runs STEPS steps on a seeded float32 tensor with a fresh random gradient each step,
 fed identically to the oracle (``param.grad = g.clone()``) and to the reference (``g.numpy()``),
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from optserve.kernels import DecayMode, FlatLayout, FlatState, Hyper, Report, adafactor, adam, adamp
+from optserve.kernels import (DecayMode, FlatLayout, FlatState, Hyper, Report, adafactor, adam,
+                              adamp, lion)
 from optserve.kernels import reference
 from optserve.kernels.registry import KERNELS
 from optserve.proto.optimizers import REGISTRY, group_to_proto
@@ -421,6 +423,58 @@ def test_adafactor_factoring_follows_ndim():
     assert not adafactor.is_factored(())
     for shape in [(16, 24), (6, 8, 10), (8, 4, 3, 3), (1, 1), (24, 1)]:
         assert adafactor.is_factored(shape)
+
+
+# ----------------------------------------------------------------------------- Lion
+
+
+LION_CASES = [
+    # id, shape, lr0, betas, weight decay λ, decoupled (λ/lr₀ scaled by lr_t), schedule, maximize
+    ("plain-2d", (16, 24), 1e-4, (0.9, 0.99), 0.0, False, "constant", False),
+    ("wd-1d", (37,), 3e-4, (0.9, 0.99), 1.0, False, "constant", False),
+    ("wd-cosine-4d", (8, 4, 3, 3), 1e-3, (0.95, 0.98), 0.1, False, "cosine", False),
+    ("decoupled-step-3d", (6, 8, 10), 1e-3, (0.9, 0.99), 1e-2, True, "step", False),
+    ("maximize-wd-2d", (16, 24), 1e-3, (0.9, 0.99), 0.1, False, "cosine", True),
+    ("betas-0-1-0d", (), 1e-3, (0.0, 1.0), 0.1, True, "constant", False),
+    ("wd-24x1", (24, 1), 1e-3, (0.8, 0.999), 0.3, False, "step", False),
+]
+
+
+@pytest.mark.parametrize("case", LION_CASES, ids=[c[0] for c in LION_CASES])
+def test_lion_matches_lion_pytorch(case):
+    """lion_pytorch has no maximize: its oracle then minimises the negated gradient."""
+    from lion_pytorch import Lion
+
+    _, shape, lr0, (b1, b2), wd, decoupled, sched, maximize = case
+    rng = _rng(9000 + LION_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    opt = Lion([p_t], lr=lr0, betas=(b1, b2), weight_decay=wd, decoupled_weight_decay=decoupled)
+    st = {"exp_avg": np.zeros(shape, np.float32)}
+    mode = DecayMode.SCHEDULE if decoupled else DecayMode.LR
+    for t in range(1, STEPS + 1):
+        lr_t = SCHEDULES[sched](lr0, t)
+        opt.param_groups[0]["lr"] = lr_t
+        g = _randn(rng, shape)
+        g_r = _feed(p_t, -g if maximize else g)
+        opt.step()
+        lion.lion(p_r, -g_r if maximize else g_r, st, lr=lr_t, beta1=b1, beta2=b2,
+                  weight_decay=wd, weight_decay_mode=mode, initial_lr=lr0, maximize=maximize)
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg",), t)
+
+
+def test_lion_updates_every_coordinate_by_lr():
+    """Without decay, each coordinate moves by exactly lr (or 0 where the sign is 0): the
+    update norm is lr·√(nonzeros)."""
+    rng = _rng(9100)
+    p = _randn(rng, (64,))
+    before, g = p.copy(), _randn(rng, (64,))
+    g[:8] = 0.0
+    lion.lion(p, g, {"exp_avg": np.zeros(64, np.float32)}, lr=2.0 ** -10, beta1=0.9, beta2=0.99,
+              weight_decay=0.0)
+    moved = np.abs(p.astype(np.float64) - before)
+    assert (moved[:8] == 0).all()
+    np.testing.assert_allclose(moved[8:], 2.0 ** -10, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- registry records
