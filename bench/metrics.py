@@ -35,9 +35,9 @@ def transformer_like():
 
 def time_steps(variant: str, steps: int) -> list[float]:
     from optserve.client import RemoteOptimizer
-    from optserve.server import ShardServer
+    from optserve.server import ShardConfig, ShardServer
     every = {"off": 1, "every-1": 1, "every-10": 10}[variant]
-    server = ShardServer("127.0.0.1", 0, device="cpu", metrics_every=every).start()
+    server = ShardServer(ShardConfig(port=0, device="cpu", metrics_every=every)).start()
     if variant == "off":
         server.store.observer = None  # jobs registered from now on observe nothing
     params = transformer_like()

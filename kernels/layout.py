@@ -67,6 +67,18 @@ class FlatLayout:
         o = int(self.fields[name][i])
         return state.fields[name][o:o + numel(shape)].reshape(shape)
 
+    def runs(self, tensors) -> list[tuple[int, int]]:
+        """The (start, length) element ranges of the flat buffers that `tensors` (ascending)
+        fill, in order, neighbours merged: what one copy, decode or encode can take at once."""
+        runs: list[tuple[int, int]] = []
+        for k in tensors:
+            o, n = int(self.offsets[k]), int(self.sizes[k])
+            if runs and runs[-1][0] + runs[-1][1] == o:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((o, n))
+        return runs
+
     def state_bytes(self) -> int:
         return 4 * (self.numel + sum(self.field_totals.values()))
 

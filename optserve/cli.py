@@ -10,9 +10,9 @@ import sys
 def _server(args: argparse.Namespace) -> int:
     if args.threads:  # read by numba when it is first imported, just below
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
-    from optserve.server import serve
-    from optserve.server.app import TLSFiles
-    from optserve.server.store import Limits, half_of_memory
+    from optserve.server import Limits, ShardConfig, TLSFiles, serve
+    from optserve.server.config import half_of_memory
+    from optserve.server.interceptors import load_tokens
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("optserve server: --tls-cert and --tls-key go together")
     for flag in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
@@ -20,13 +20,18 @@ def _server(args: argparse.Namespace) -> int:
         if path and not os.path.isfile(path):
             raise SystemExit(f"optserve server: --{flag.replace('_', '-')} {path}: no such file")
     try:
-        serve(args.host, args.port, args.device, args.barrier_timeout, args.grace,
-              args.metrics_port, args.metrics_host, args.metrics_every, args.max_tensor_series,
-              args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints,
-              TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
-              args.tokens_file,
-              Limits(args.max_jobs, args.max_params_per_job,
-                     args.max_state_bytes or half_of_memory()))
+        config = ShardConfig(
+            host=args.host, port=args.port, device=args.device,
+            barrier_timeout=args.barrier_timeout, grace=args.grace,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            metrics_every=args.metrics_every, max_tensor_series=args.max_tensor_series,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+            tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
+            limits=Limits(args.max_jobs, args.max_params_per_job,
+                          args.max_state_bytes or half_of_memory()))
+        serve(config)
     except (OSError, ValueError) as e:   # a port taken, a tokens file that does not parse, ...
         raise SystemExit(f"optserve server: {e}") from None
     return 0

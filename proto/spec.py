@@ -1,4 +1,4 @@
-"""Job spec helpers both sides share: placement and wire dtypes.
+"""Job spec helpers both sides share: placement, wire dtypes and the drop reasons.
 
 Placement is a pure function of the spec, so every worker and every shard computes the
 same answer without talking to each other.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import math
+from enum import Enum
 from typing import Sequence
 
 from optserve.proto.v1 import optserve_pb2 as pb
@@ -15,6 +16,15 @@ from optserve.proto.v1 import optserve_pb2 as pb
 WIRE_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
 WIRE_NAMES = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+
+
+class DropReason(str, Enum):
+    """Why a Step's gradient was received but not applied (TensorHeader.drop_reason, and
+    the `reason` label of optserve_skipped_steps_total)."""
+    LATE = "late"                 # sync: the step was taken without it (backup workers)
+    STALE = "stale"               # async: computed more than max_staleness versions ago
+    NONFINITE = "nonfinite"       # a NaN or Inf under the skip policy
+    ROLLED_BACK = "rolled_back"   # the shard came back from a checkpoint at an earlier version
 
 
 def numel(shape: Sequence[int]) -> int:

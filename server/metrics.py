@@ -7,12 +7,14 @@ Worker ids and step numbers are never labels.
 from __future__ import annotations
 
 import functools
+from enum import Enum
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from optserve.kernels.backend import SUM_NAMES, Report
+from optserve.proto.spec import DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 
 # Phase latency buckets: from sub-millisecond steps of small models to multi-second steps
@@ -20,6 +22,14 @@ from optserve.proto.v1 import optserve_pb2 as pb
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Phase(str, Enum):
+    """The phases of a Step's latency (optserve_step_phase_seconds)."""
+    RECEIVE = "receive"   # the gradient in, decoded
+    WAIT = "wait"         # sync: the barrier
+    COMPUTE = "compute"   # the backend's arithmetic
+    SEND = "send"         # the parameters out
 
 
 class ShardMetrics:
@@ -151,31 +161,37 @@ class MetricsRecorder:
         self._series[job.name] = (unique, index, [None] * len(unique))
         self.m.jobs.inc()
         self.m.state_bytes.labels(job.name).set(job.layout.state_bytes())
-        self.m.workers.labels(job.name).set(len(job.members))
+        self.m.workers.labels(job.name).set(len(job.barrier.members))
         self.m.version.labels(job.name).set(job.version)
+        # Series of closed label sets exist from the start, at zero: a rate() over a counter
+        # that appears with its first increment would miss that increment.
+        for reason in DropReason:
+            self.m.skipped.labels(job.name, reason.value)
+        for phase in Phase:
+            self.m.step_seconds.labels(job.name, phase.value)
 
     @_unless_deleted
     def received(self, job, nbytes: int, seconds: float) -> None:
         self.m.bytes_received.labels(job.name).inc(nbytes)
-        self.m.step_seconds.labels(job.name, "receive").observe(seconds)
+        self.m.step_seconds.labels(job.name, Phase.RECEIVE.value).observe(seconds)
 
     @_unless_deleted
     def waited(self, job, seconds: float) -> None:
         self.m.barrier_wait.labels(job.name).observe(seconds)
-        self.m.step_seconds.labels(job.name, "wait").observe(seconds)
+        self.m.step_seconds.labels(job.name, Phase.WAIT.value).observe(seconds)
 
     @_unless_deleted
     def sent(self, job, nbytes: int, seconds: float) -> None:
         self.m.bytes_sent.labels(job.name).inc(nbytes)
-        self.m.step_seconds.labels(job.name, "send").observe(seconds)
+        self.m.step_seconds.labels(job.name, Phase.SEND.value).observe(seconds)
 
     @_unless_deleted
-    def skipped(self, job, reason: str) -> None:
-        self.m.skipped.labels(job.name, reason).inc()
+    def skipped(self, job, reason: DropReason) -> None:
+        self.m.skipped.labels(job.name, reason.value).inc()
 
     @_unless_deleted
     def members_changed(self, job) -> None:
-        self.m.workers.labels(job.name).set(len(job.members))
+        self.m.workers.labels(job.name).set(len(job.barrier.members))
 
     def deleted(self, job) -> None:
         self._series.pop(job.name, None)
@@ -196,7 +212,7 @@ class MetricsRecorder:
         name = job.name
         self.m.steps.labels(name).inc()
         self.m.version.labels(name).set(report.version)
-        self.m.step_seconds.labels(name, "compute").observe(report.compute_seconds)
+        self.m.step_seconds.labels(name, Phase.COMPUTE.value).observe(report.compute_seconds)
         if job.spec.mode == pb.ASYNC:
             self.m.staleness.labels(name).observe(report.staleness)
         for g, h in enumerate(report.groups):

@@ -14,7 +14,6 @@ from optserve.proto.errors import InvalidArgument, OptserveError, status_of
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.proto.wire import RawChunk, Undecodable, chunked
-from optserve.server.job import Result
 from optserve.server.store import ShardStore
 
 log = logging.getLogger("optserve.server")
@@ -75,13 +74,6 @@ def split_stream(requests: Iterator, what: str):
     return first.header, body()
 
 
-def _tensor_header(result: Result) -> pb.TensorHeader:
-    return pb.TensorHeader(version=result.version, tensors=result.tensors,
-                           total_bytes=len(result.payload), dtype=result.dtype,
-                           dropped=bool(result.dropped), drop_reason=result.dropped,
-                           last_step=result.last_step)
-
-
 class OptimizerServicer(pb_grpc.OptimizerServicer):
     def __init__(self, store: ShardStore):
         self.store = store
@@ -95,18 +87,18 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     def Step(self, request_iterator, context):
         header, body = split_stream(request_iterator, "Step")
         result, reply = self.store.step(header, body)
-        yield pb.StepResponse(header=_tensor_header(result))
+        yield pb.StepResponse(header=result.header())
         yield from reply
 
     @translate_errors_stream
     def PullParameters(self, request, context):
         result = self.store.job(request.job).pull()
-        yield pb.TensorStream(header=_tensor_header(result))
-        yield from chunked(result.payload)
+        yield pb.TensorStream(header=result.header())
+        yield from result.chunks()
 
     @translate_errors_stream
     def GetOptimizerState(self, request, context):
-        header, payload = self.store.job(request.job).state_header_and_payload()
+        header, payload = self.store.job(request.job).get_state()
         yield pb.StateStream(header=header)
         yield from chunked(payload)
 

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
-import time
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -17,22 +14,11 @@ from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound
 from optserve.proto.spec import dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
-from optserve.server.job import Job, Result
+from optserve.server.config import Limits
+from optserve.server.job import Job
+from optserve.server.reply import Result
 
 log = logging.getLogger("optserve.server")
-
-
-def half_of_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED."""
-    max_jobs: int = 64
-    max_params_per_job: int = 2_000_000_000
-    # parameters + optimizer state over all jobs; by default half of this machine's memory
-    max_state_bytes: int = field(default_factory=half_of_memory)
 
 
 class ShardStore:
@@ -78,7 +64,7 @@ class ShardStore:
         as the send phase."""
         job = self.job(header.job)
         result = job.step(header, body)
-        return result, _timed_send(job, result)
+        return result, result.send(lambda nbytes, seconds: job.observer.sent(job, nbytes, seconds))
 
     def _check_limits(self, spec: pb.JobSpec, local: list[int]) -> None:
         """Refuses a new job that would take the shard over a limit, before allocating it."""
@@ -232,8 +218,3 @@ def _log_registered(job: Job) -> None:
              dtype_name(spec.grad_dtype).lower(), dtype_name(job.param_dtype).lower(),
              job.layout.state_bytes() / 1e6, job.backend.name)
 
-
-def _timed_send(job: Job, result: Result) -> Iterator[RawChunk]:
-    start = time.perf_counter()
-    yield from result.chunks()
-    job.observer.sent(job, len(result.payload), time.perf_counter() - start)

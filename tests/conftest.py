@@ -1,21 +1,19 @@
-"""Shared fixtures: real shards on loopback, and the backend the tests run against."""
+"""Shared fixtures: real shards on loopback, the two paths a step takes through a shard,
+and the runtimes of the CUDA backend."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from optserve.server import ShardServer
-from support import skip_or_fail
-
-# The backend every end-to-end test drives; the kernel tests compare backends directly.
-DEVICE = os.environ.get("OPTSERVE_TEST_DEVICE", "cpu")
+from optserve.server import ShardConfig, ShardServer
+from support import DEVICE, skip_or_fail, steps_in_parts
 
 
 @pytest.fixture
 def shard():
     """A fresh shard on a free loopback port, stopped after the test."""
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, barrier_timeout=30.0).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, barrier_timeout=30.0)).start()
     yield server
     server.stop(grace=0)
 
@@ -23,11 +21,23 @@ def shard():
 @pytest.fixture
 def shards():
     """Two shards, for tests that spread one job over several."""
-    servers = [ShardServer("127.0.0.1", 0, device=DEVICE, barrier_timeout=30.0).start()
+    servers = [ShardServer(ShardConfig(port=0, device=DEVICE, barrier_timeout=30.0)).start()
                for _ in range(2)]
     yield servers
     for s in servers:
         s.stop(grace=0)
+
+
+@pytest.fixture(params=["inline", "in-parts"])
+def step_path(request, monkeypatch):
+    """Runs a test twice: with steps taken inline, as small models' are, and in parts on
+    the job's stepper thread while the reply streams, as large models' are."""
+    if request.param == "inline":
+        yield
+        return
+    started = steps_in_parts(monkeypatch)
+    yield
+    assert started, "no step ran on the stepper"
 
 
 # ---- the CUDA backend's runtimes: the host emulation, and a real GPU where there is one ----

@@ -1,4 +1,4 @@
-"""Small real models and data for end-to-end tests."""
+"""Small real models, their data, and the training loop of the end-to-end tests."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 
 class ConvNet(nn.Module):
-    """Conv (no bias: a BatchNorm follows, see OPTIMIZERS.md §6), BatchNorm, two linear
+    """Conv (no bias: a BatchNorm follows, see docs/optimizers.md on comparing), BatchNorm, two linear
     layers with biases."""
 
     def __init__(self, classes: int = 4):
@@ -38,3 +38,15 @@ def param_groups(model: nn.Module, weight_decay: float, named: bool = False):
         (decay if p.ndim > 1 else no_decay).append((name, p) if named else p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: nn.Module, opt, steps: int, batches=None, scheduler=None) -> None:
+    """`steps` steps of cross-entropy loss; step i trains on `batches(i)` (default: the
+    same make_data() batch every step), then steps `scheduler` if there is one."""
+    for i in range(steps):
+        x, y = batches(i) if batches else make_data()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()

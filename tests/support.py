@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# The backend every end-to-end test drives; the kernel tests compare backends directly.
+DEVICE = os.environ.get("OPTSERVE_TEST_DEVICE", "cpu")
+
 # CI installs everything but a GPU: there, a missing compiler or library is a failure.
 IN_CI = bool(os.environ.get("CI"))
 
@@ -14,3 +17,20 @@ def skip_or_fail(reason: str):
     if IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def steps_in_parts(monkeypatch) -> list:
+    """Makes every step of an in-process shard run on its job's stepper thread, in parts of
+    16 bytes or more (as steps of more than one 4 MiB reply chunk do); returns the list of
+    those steps' Progress objects, for the caller to check that steps did take that path."""
+    from optserve.server import stepper
+    started = []
+
+    class CountedProgress(stepper.Progress):
+        def __init__(self):
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(stepper, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(stepper, "Progress", CountedProgress)
+    return started

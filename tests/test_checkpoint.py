@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import workers
-from conftest import DEVICE
-from models import make_data, make_model
+from models import make_data, make_model, train
 from optserve import local
 from optserve.client import RemoteOptimizer, RolledBack
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server.checkpoint import Checkpointer
+from support import DEVICE
 
 CTX = mp.get_context("spawn")
 # The crash soak: CI runs a few kills; `OPTSERVE_SOAK_TRIALS=24 pytest -k crash` runs the soak.
@@ -52,14 +52,6 @@ def version_of(address: str, job: str) -> int:
         return next(iter(stream)).header.version
 
 
-def train(model, opt, steps, seed=0):
-    for i in range(steps):
-        x, y = make_data(seed + i)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-
 def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
     port = local.free_port()
     address = f"127.0.0.1:{port}"
@@ -67,7 +59,7 @@ def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
     model, ref_model = make_model(), make_model()
     opt = RemoteOptimizer(model.parameters(), "adamp", servers=[address], job="ckpt", lr=1e-2,
                           weight_decay=0.01)
-    train(model, opt, 5)
+    train(model, opt, 5, make_data)
     before = state_of(address, "ckpt")
     opt.close(leave=False)
     shard.send_signal(signal.SIGTERM)
@@ -79,10 +71,10 @@ def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
         assert state_of(address, "ckpt") == before
         opt = RemoteOptimizer(model.parameters(), "adamp", servers=[address], job="ckpt",
                               lr=1e-2, weight_decay=0.01)
-        train(model, opt, 5, seed=5)
+        train(model, opt, 5, lambda i: make_data(5 + i))
         import adamp
         ref = adamp.AdamP(ref_model.parameters(), lr=1e-2, weight_decay=0.01)
-        train(ref_model, ref, 10)
+        train(ref_model, ref, 10, make_data)
         for p, q in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         opt.close()
@@ -96,9 +88,9 @@ def test_corrupt_checkpoint_is_skipped(tmp_path):
     shard = start_shard(port, tmp_path, every=2)
     model = make_model()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=[address], job="corrupt")
-    train(model, opt, 2)
+    train(model, opt, 2, make_data)
     at_two = state_of(address, "corrupt")
-    train(model, opt, 2, seed=2)
+    train(model, opt, 2, lambda i: make_data(2 + i))
     shard.kill()
     shard.wait()
     ckpt = Checkpointer(tmp_path)
@@ -229,7 +221,7 @@ def train_with_recipe(model, opt, start: int, end: int, before_step=lambda step:
     while step < end:
         before_step(step)
         try:
-            train(model, opt, 1, seed=100 + step)
+            train(model, opt, 1, lambda i: make_data(100 + step + i))
             step += 1
         except RolledBack as e:
             rolled_back.append(e.step)
@@ -241,7 +233,7 @@ def assert_matches_torch_adamw(model, steps: int, lr: float) -> None:
     reference = make_model()
     ref = torch.optim.AdamW(reference.parameters(), lr=lr)
     for i in range(steps):
-        train(reference, ref, 1, seed=100 + i)
+        train(reference, ref, 1, lambda _: make_data(100 + i))
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

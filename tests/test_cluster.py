@@ -34,6 +34,7 @@ def collect(queue, n, timeout=120):
     return sorted(queue.get(timeout=timeout) for _ in range(n))
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("optimizer", sorted(ORACLES))
 def test_sync_two_workers_match_local_averaged_gradient(shards, optimizer):
     """2 workers on different halves, 2 shards, 30 steps == a local optimizer fed the mean."""
@@ -62,6 +63,7 @@ def test_sync_two_workers_match_local_averaged_gradient(shards, optimizer):
             torch.testing.assert_close(torch.from_numpy(ours), theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_async_workers_train_to_target(shard):
     out = CTX.Queue()
     procs = [run(workers.async_regression_worker, r, [shard.address], "async", 150, out)
@@ -74,6 +76,7 @@ def test_async_workers_train_to_target(shard):
     assert all(loss < 1e-2 for _, loss in losses), losses
 
 
+@pytest.mark.usefixtures("step_path")
 def test_backup_worker_lets_steps_proceed_and_drops_late_gradients(shard):
     """3 workers, 1 backup: the slow worker never holds the others up; its late gradients
     are dropped and counted, and it catches up with the job's parameters."""
@@ -90,6 +93,7 @@ def test_backup_worker_lets_steps_proceed_and_drops_late_gradients(shard):
     assert job.version >= 10
 
 
+@pytest.mark.usefixtures("step_path")
 def test_staleness_bound_drops_stale_gradients_and_scales_lr(shard):
     """async, max_staleness=2, staleness_lr: a gradient 2 versions behind is applied at lr/2,
     one 3 behind is dropped; the applied steps equal torch's AdamW fed the same sequence."""
@@ -162,12 +166,13 @@ def test_killed_worker_does_not_hang_a_sync_step(shard, on_timeout):
         ref = torch.optim.AdamW(ref_model.parameters())
         torch.nn.functional.cross_entropy(ref_model(x), y).backward()
         ref.step()
-        assert job.version == 1 and job.members == {0}
+        assert job.version == 1 and job.barrier.members == {0}
         for p, q in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     opt.close()
 
 
+@pytest.mark.usefixtures("step_path")
 def test_concurrent_duplicates_of_one_step_apply_once(shard):
     """The same (job, worker, step) sent on two connections at once: one state update, the
     same answer for both (each written into its own copy of the model)."""
@@ -197,6 +202,7 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_sync_mean_is_over_the_workers_that_sent_each_tensor(shard):
     """Sync, 2 workers, where worker 1 sends no gradient for one tensor at one step: that
     tensor steps with worker 0's gradient alone, the others with the mean of both, against
@@ -229,6 +235,7 @@ def test_sync_mean_is_over_the_workers_that_sent_each_tensor(shard):
 
 @pytest.mark.parametrize("grad_dtype,torch_dtype", [("bfloat16", torch.bfloat16),
                                                     ("float16", torch.float16)])
+@pytest.mark.usefixtures("step_path")
 def test_low_precision_gradients_on_the_wire(shard, grad_dtype, torch_dtype):
     """Gradients sent as bf16/fp16 are the float32 master's input rounded to that dtype:
     the oracle is AdamW fed the same rounded gradients. Both sides get the oracle model's
@@ -251,6 +258,7 @@ def test_low_precision_gradients_on_the_wire(shard, grad_dtype, torch_dtype):
     opt.close()
 
 
+@pytest.mark.usefixtures("step_path")
 def test_bfloat16_parameters_on_the_wire(shard):
     """param_dtype="bfloat16": the worker gets the float32 master rounded to nearest-even
     bf16; the master itself stays float32 on the shard."""

@@ -271,6 +271,7 @@ def test_retried_step_is_applied_once(job):
     assert snapshot(stub) == after_first
 
 
+@pytest.mark.usefixtures("step_path")
 def test_nonfinite_skip_policy_skips_and_counts_the_step(shard):
     """nonfinite="skip": a NaN gradient skips the step (as GradScaler would), leaves the state
     as it was, and the training goes on exactly as an oracle that never took that step."""

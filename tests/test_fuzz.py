@@ -14,13 +14,13 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE
 from models import make_data, make_model
 from optserve.client import RemoteOptimizer
 from peer import chunks
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
-from optserve.server import ShardServer
+from optserve.server import ShardConfig, ShardServer
+from support import DEVICE
 
 EXAMPLES = int(os.environ.get("OPTSERVE_FUZZ_EXAMPLES", "600"))
 JOB = "fuzz"
@@ -33,7 +33,7 @@ class Target:
     """A shard holding one job that has taken a few real steps, and a raw stub."""
 
     def __init__(self):
-        self.server = ShardServer("127.0.0.1", 0, device=DEVICE).start()
+        self.server = ShardServer(ShardConfig(port=0, device=DEVICE)).start()
         model = make_model()
         self.opt = RemoteOptimizer(model.parameters(), "adamw", servers=[self.server.address],
                                    job=JOB, lr=1e-2)

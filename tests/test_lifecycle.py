@@ -11,24 +11,15 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DEVICE
-from models import make_data, make_model
+from models import make_data, make_model, train
 from optserve import local
 from optserve.client import (FailedPrecondition, NotFound, RemoteOptimizer, Unavailable,
                              delete_job)
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
-from optserve.server import ShardServer
+from optserve.server import Limits, ShardConfig, ShardServer
 from optserve.server.checkpoint import Checkpointer
-from optserve.server.store import Limits
-
-
-def train(model, opt, steps: int, seed: int = 1) -> None:
-    x, y = make_data(seed=seed)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+from support import DEVICE
 
 
 def job_series(port: int, job: str) -> list[str]:
@@ -42,8 +33,8 @@ def test_delete_job_frees_its_name_slot_metrics_and_checkpoints(tmp_path):
     """With room for one job: after delete_job the name and the slot are free again (a job
     with another spec registers under the same name and trains as torch's AdamW does), no
     series names the old job, and no checkpoint is left for a restart to bring back."""
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, checkpoint_dir=str(tmp_path),
-                         checkpoint_every=1, limits=Limits(max_jobs=1)).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(tmp_path),
+                         checkpoint_every=1, limits=Limits(max_jobs=1))).start()
     port = server.serve_metrics(0)
     try:
         model = make_model()
@@ -60,7 +51,7 @@ def test_delete_job_frees_its_name_slot_metrics_and_checkpoints(tmp_path):
                 list(pb_grpc.OptimizerStub(channel).PullParameters(
                     pb.PullParametersRequest(job="gone")))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        restarted = ShardServer("127.0.0.1", 0, device=DEVICE, checkpoint_dir=str(tmp_path))
+        restarted = ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(tmp_path)))
         assert "gone" not in restarted.store.jobs
         restarted.stop(grace=0)
 
@@ -98,7 +89,7 @@ def test_deleting_a_sync_job_releases_a_worker_waiting_for_its_round(shard):
 
     worker = threading.Thread(target=step)
     worker.start()
-    while shard.store.jobs["wait"].round is None:   # rank 0's gradient is in
+    while shard.store.jobs["wait"].barrier.round is None:   # rank 0's gradient is in
         worker.join(0.01)
     delete_job([shard.address], "wait")
     worker.join(10)
@@ -219,7 +210,7 @@ def test_unbalanced_placement_is_reported_only_where_it_costs(shards, caplog):
 def test_calls_that_found_the_job_before_it_was_deleted_change_nothing(tmp_path):
     """A checkpoint, leave, pull or state write that looked the job up just before DeleteJob
     ran gets NOT_FOUND and writes nothing: no checkpoint for a restart to bring back."""
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, checkpoint_dir=str(tmp_path)).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(tmp_path))).start()
     try:
         model = make_model()
         opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="late",
@@ -227,7 +218,7 @@ def test_calls_that_found_the_job_before_it_was_deleted_change_nothing(tmp_path)
         stale = server.store.job("late")
         server.store.delete("late")
         for call in (stale.checkpoint, lambda: stale.leave(1), stale.pull,
-                     stale.state_header_and_payload, lambda: stale.join(1),
+                     stale.get_state, lambda: stale.join(1),
                      lambda: stale.roll_back(0)):
             with pytest.raises(NotFound, match="deleted"):
                 call()
@@ -246,7 +237,7 @@ def test_a_client_that_lost_its_rank_cannot_make_it_leave(shard):
                                        job="quorum", rank=r, world_size=2, lr=1e-2)
                        for m, r in zip(models, (0, 0, 1)))
     old.close()   # refused on the shard (logged), so rank 0 stays a member
-    assert shard.store.job("quorum").members == {0, 1}
+    assert shard.store.job("quorum").barrier.members == {0, 1}
     data = [make_data(seed=s) for s in (1, 2)]
     threads = [threading.Thread(target=lambda m=m, o=o, d=d: (
         torch.nn.functional.cross_entropy(m(d[0]), d[1]).backward(), o.step()))

@@ -9,17 +9,17 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DEVICE
 from models import make_data, make_model
 from optserve.client import RemoteOptimizer
-from optserve.server import ShardServer
+from optserve.server import ShardConfig, ShardServer
 from optserve.server.metrics import angular_step, tensor_series
+from support import DEVICE
 
 
 @pytest.fixture
 def metered():
     """A shard with its metrics served over HTTP on a free port, and a scrape function."""
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, max_tensor_series=4).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, max_tensor_series=4)).start()
     port = server.serve_metrics(0)
 
     def scrape() -> dict[tuple[str, tuple], float]:
@@ -39,6 +39,7 @@ def f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().numpy().ravel()
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("lr", [1e-2, 1e-5, 1e-8])
 def test_per_tensor_metrics_match_float64_math(metered, lr):
     """Weight norm, effective step (down to angles of ~1e-6 and below), update ratio and
@@ -154,7 +155,7 @@ def test_service_metrics(metered):
 def test_step_sums_are_computed_only_for_a_metrics_refresh(monkeypatch):
     """--metrics-every 2: the backend is asked for the float64 step sums on versions 2 and 4
     only, and the per-tensor gauges after version 3 still show version 2's step."""
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, metrics_every=2).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, metrics_every=2)).start()
     port = server.serve_metrics(0)
     asked = []
     backend_step = server.backend.step

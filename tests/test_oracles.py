@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers.optimization as hf
 
-from models import make_data, make_model, param_groups
+from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
 from optserve.proto.optimizers import REGISTRY
 
@@ -119,19 +119,14 @@ CASES = {
 }
 
 
+def minibatches(x, y):
+    """Step i trains on the (i mod 4)-th batch of 8."""
+    return lambda i: (x[(i % 4) * 8:(i % 4 + 1) * 8], y[(i % 4) * 8:(i % 4 + 1) * 8])
+
+
 def test_every_registered_optimizer_has_a_case():
     covered = {case[0] for case in CASES.values()}
     assert covered == set(REGISTRY), f"optimizers without an oracle case: {set(REGISTRY) - covered}"
-
-
-def train(model, opt, sched, x, y):
-    for i in range(STEPS):
-        xb, yb = x[(i % 4) * 8:(i % 4 + 1) * 8], y[(i % 4) * 8:(i % 4 + 1) * 8]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -141,8 +136,9 @@ def test_matches_oracle(shard, case):
     ours, theirs = make_model(), make_model()
     opt = RemoteOptimizer(remote_groups(ours), optimizer, servers=[shard.address], job=case, **hyper)
     ref = oracle(theirs)
-    train(ours, opt, scheduler(opt) if scheduler else None, x, y)
-    train(theirs, ref, scheduler(ref) if scheduler else None, x, y)
+    batches = minibatches(x, y)
+    train(ours, opt, STEPS, batches, scheduler(opt) if scheduler else None)
+    train(theirs, ref, STEPS, batches, scheduler(ref) if scheduler else None)
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     if not isinstance(ref, torch.optim.Adafactor):  # same state names as the oracle
@@ -164,8 +160,8 @@ def test_two_shards_match_oracle(shards):
     opt = RemoteOptimizer(groups_lr(ours, WD), "adamw", servers=[s.address for s in shards],
                           job="two-shards", lr=LR)
     ref = torch.optim.AdamW(groups_lr(theirs, WD), lr=LR)
-    train(ours, opt, cosine(opt), x, y)
-    train(theirs, ref, cosine(ref), x, y)
+    train(ours, opt, STEPS, minibatches(x, y), cosine(opt))
+    train(theirs, ref, STEPS, minibatches(x, y), cosine(ref))
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     held = [len(s.store.job("two-shards").tensors) for s in shards]
@@ -182,8 +178,8 @@ def test_parameters_without_grad_are_left_alone(shard):
                           lr=LR, weight_decay=WD)
     ref = torch.optim.AdamW(theirs.parameters(), lr=LR, weight_decay=WD)
     frozen = ours.fc2.weight.detach().clone()
-    train(ours, opt, None, x, y)
-    train(theirs, ref, None, x, y)
+    train(ours, opt, STEPS, minibatches(x, y))
+    train(theirs, ref, STEPS, minibatches(x, y))
     assert torch.equal(ours.fc2.weight, frozen)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

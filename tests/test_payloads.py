@@ -1,4 +1,4 @@
-"""Payload handling on both ends: the shard (server/payloads.py) decodes gradient chunks into
+"""Payload handling on both ends: the shard (server/admission.py) decodes gradient chunks into
 place as they arrive, however the chunks cut the elements, and reuses reply buffers only
 once nothing reads them; the worker (client/remote.py) writes reply chunks into its
 parameters as they arrive."""
@@ -16,7 +16,8 @@ from optserve.kernels.convert import decode_reference
 from optserve.proto.spec import DTYPE_NAMES
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
-from optserve.server.payloads import Decoder, SnapshotPool
+from optserve.server.admission import Decoder
+from optserve.server.reply import SnapshotPool
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -11,14 +11,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import DEVICE
 from models import make_data, make_model
 from optserve import cli
 from optserve.client import (PermissionDenied, RemoteOptimizer, ResourceExhausted,
                              Unauthenticated, Unavailable)
-from optserve.server import ShardServer
-from optserve.server.app import TLSFiles
-from optserve.server.store import Limits
+from optserve.server import Limits, ShardConfig, ShardServer, TLSFiles
+from support import DEVICE
 
 
 def _name(cn):
@@ -76,7 +74,8 @@ def one_step(address, job="secure", **kwargs):
 
 def test_tls(pki):
     shard, key = pki["shard"]
-    server = ShardServer("localhost", 0, device=DEVICE, tls=TLSFiles(shard, key)).start()
+    server = ShardServer(ShardConfig(host="localhost", port=0, device=DEVICE,
+                                     tls=TLSFiles(shard, key))).start()
     try:
         one_step(server.address, tls_ca=pki["ca"][0])
         with pytest.raises(Unavailable):
@@ -89,8 +88,8 @@ def test_tls(pki):
 
 def test_mutual_tls(pki):
     shard, key = pki["shard"]
-    server = ShardServer("localhost", 0, device=DEVICE,
-                         tls=TLSFiles(shard, key, client_ca=pki["ca"][0])).start()
+    server = ShardServer(ShardConfig(host="localhost", port=0, device=DEVICE,
+                         tls=TLSFiles(shard, key, client_ca=pki["ca"][0]))).start()
     try:
         one_step(server.address, tls_ca=pki["ca"][0], tls_cert=pki["worker"][0],
                  tls_key=pki["worker"][1])
@@ -103,7 +102,7 @@ def test_mutual_tls(pki):
 
 def test_tokens(tmp_path):
     tokens = {"alpha": "s3cret-alpha", "beta": "s3cret-beta"}
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, tokens=tokens).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, tokens=tokens)).start()
     try:
         one_step(server.address, job="alpha", token="s3cret-alpha")
         with pytest.raises(Unauthenticated, match="missing bearer token"):
@@ -129,7 +128,7 @@ def test_tokens(tmp_path):
     (Limits(max_state_bytes=50_000), "bytes of state"),
 ])
 def test_limits(limits, message):
-    server = ShardServer("127.0.0.1", 0, device=DEVICE, limits=limits).start()
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, limits=limits)).start()
     try:
         if limits.max_jobs == 1:
             one_step(server.address, job="first")

@@ -13,10 +13,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import DEVICE
 from models import make_data, make_model
 from optserve import local
 from optserve.client import RemoteOptimizer
+from support import DEVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_dependency_boundaries(module, blocked):
     """The shard runs without torch; a worker needs neither cupy, numba nor prometheus."""
     code = BLOCK.format(mods=blocked) + f"import {module}\n"
     if module == "optserve.server":
-        code += (f"s = optserve.server.ShardServer(port=0, device={DEVICE!r}).start()\n"
+        code += (f"s = optserve.server.ShardServer(optserve.server.ShardConfig(port=0, device={DEVICE!r})).start()\n"
                  "s.stop(0)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

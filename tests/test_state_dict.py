@@ -4,16 +4,8 @@ from __future__ import annotations
 import adamp
 import torch
 
-from models import make_data, make_model, param_groups
+from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
-
-
-def train(model, opt, steps, seed=0):
-    x, y = make_data(seed)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def assert_same_params(a, b):
@@ -26,22 +18,22 @@ def test_adamw_state_dict_round_trips_with_torch(shard):
     local, remote, reference = make_model(), make_model(), make_model()
     torch_opt = torch.optim.AdamW(param_groups(local, 0.1), lr=1e-2)
     ref_opt = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2)
-    train(local, torch_opt, 10)
-    train(reference, ref_opt, 10)
+    train(local, torch_opt, 10, lambda _: make_data(0))
+    train(reference, ref_opt, 10, lambda _: make_data(0))
     remote.load_state_dict(local.state_dict())
     opt = RemoteOptimizer(param_groups(remote, 0.1), "adamw", servers=[shard.address],
                           job="sd", lr=1e-2)
     opt.load_state_dict(torch_opt.state_dict())
-    train(remote, opt, 10, seed=2)
-    train(reference, ref_opt, 10, seed=2)
+    train(remote, opt, 10, lambda _: make_data(2))
+    train(reference, ref_opt, 10, lambda _: make_data(2))
     assert_same_params(remote, reference)
 
     # optserve -> torch: the remote state continues in a local AdamW.
     back = torch.optim.AdamW(param_groups(remote, 0.1), lr=1e-2)
     back.load_state_dict(opt.state_dict())
     assert back.param_groups[0]["decoupled_weight_decay"] is True
-    train(remote, back, 10, seed=3)
-    train(reference, ref_opt, 10, seed=3)
+    train(remote, back, 10, lambda _: make_data(3))
+    train(reference, ref_opt, 10, lambda _: make_data(3))
     assert_same_params(remote, reference)
     opt.close()
 
@@ -51,14 +43,14 @@ def test_adamp_state_dict_loads_into_adamp_package(shard):
     opt = RemoteOptimizer(remote.parameters(), "adamp", servers=[shard.address], job="sd-adamp",
                           lr=1e-2, weight_decay=0.01)
     ref = adamp.AdamP(reference.parameters(), lr=1e-2, weight_decay=0.01)
-    train(remote, opt, 5)
-    train(reference, ref, 5)
+    train(remote, opt, 5, lambda _: make_data(0))
+    train(reference, ref, 5, lambda _: make_data(0))
     sd = opt.state_dict()
     assert sd["state"][0]["step"] == 5 and sd["param_groups"][0]["delta"] == 0.1
     fresh = adamp.AdamP(remote.parameters())
     fresh.load_state_dict(sd)
-    train(remote, fresh, 5, seed=4)
-    train(reference, ref, 5, seed=4)
+    train(remote, fresh, 5, lambda _: make_data(4))
+    train(reference, ref, 5, lambda _: make_data(4))
     assert_same_params(remote, reference)
     opt.close()
 
@@ -67,7 +59,7 @@ def test_second_worker_starts_from_the_jobs_parameters(shard):
     """A worker joining an existing job takes the shard's parameters, not its own init."""
     first, second = make_model(0), make_model(7)
     opt1 = RemoteOptimizer(first.parameters(), "adamw", servers=[shard.address], job="join")
-    train(first, opt1, 3)
+    train(first, opt1, 3, lambda _: make_data(0))
     opt2 = RemoteOptimizer(second.parameters(), "adamw", servers=[shard.address], job="join")
     for p, q in zip(first.parameters(), second.parameters()):
         assert torch.equal(p, q)

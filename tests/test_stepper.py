@@ -1,8 +1,8 @@
 """Steps taken in parts on the job's stepper thread while their replies stream out
-(server/job.py). A part is at least one reply chunk (4 MiB), so only large steps take that
-path; here the floor is 16 bytes (the cap of 16 parts a step still holds), so the small
-models of the oracle tests elsewhere take it, and those tests run again against their
-oracles."""
+(server/stepper.py). A part is at least one reply chunk (4 MiB), so only large steps take
+that path; here the floor is 16 bytes (the cap of 16 parts a step still holds), so small
+models take it. The oracle tests of training in sync and async mode run both ways too
+(the `step_path` fixture in conftest.py)."""
 from __future__ import annotations
 
 import threading
@@ -11,53 +11,27 @@ import time
 import pytest
 import torch
 
-from models import make_data, make_model
+from models import make_model, train
 from optserve.client import Internal, RemoteOptimizer, Unavailable, delete_job
 from optserve.kernels import cpu
-from optserve.server import ShardServer
-from optserve.server import job as job_module
+from optserve.server import ShardConfig, ShardServer
 from optserve.server.checkpoint import Checkpointer
-from test_cluster import (test_async_workers_train_to_target,  # noqa: F401
-                          test_backup_worker_lets_steps_proceed_and_drops_late_gradients,
-                          test_bfloat16_parameters_on_the_wire,
-                          test_concurrent_duplicates_of_one_step_apply_once,
-                          test_low_precision_gradients_on_the_wire,
-                          test_staleness_bound_drops_stale_gradients_and_scales_lr,
-                          test_sync_mean_is_over_the_workers_that_sent_each_tensor,
-                          test_sync_two_workers_match_local_averaged_gradient)
-from test_errors import test_nonfinite_skip_policy_skips_and_counts_the_step  # noqa: F401
-from test_metrics import metered, test_per_tensor_metrics_match_float64_math  # noqa: F401
+from support import steps_in_parts
 
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch):
-    """Parts of 16 bytes or more, and a check that the test's steps did run on the stepper."""
-    started = []
-
-    class CountedProgress(job_module.Progress):
-        def __init__(self):
-            super().__init__()
-            started.append(self)
-
-    monkeypatch.setattr(job_module, "CHUNK_BYTES", 16)
-    monkeypatch.setattr(job_module, "Progress", CountedProgress)
+    """Every step of these tests runs on the stepper, in parts of 16 bytes or more; and did."""
+    started = steps_in_parts(monkeypatch)
     yield
     assert started, "no step ran on the stepper"
-
-
-def train(model, opt, steps: int) -> None:
-    x, y = make_data()
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def test_checkpoints_written_by_the_stepper_hold_their_version(tmp_path):
     """A checkpoint due at a step is written by that step's stepper run: each one holds the
     parameters of its own version, against torch's AdamW taken as many steps."""
-    server = ShardServer("127.0.0.1", 0, device="cpu", checkpoint_dir=str(tmp_path),
-                         checkpoint_every=1).start()
+    server = ShardServer(ShardConfig(port=0, device="cpu", checkpoint_dir=str(tmp_path),
+                         checkpoint_every=1)).start()
     try:
         model, ref_model = make_model(), make_model()
         opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address],
@@ -99,7 +73,7 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
     monkeypatch.setattr(cpu, "step", step)
     opt.pull_parameters()
     job = shard.store.job("fails")
-    assert job.version == 1 and job.pending == 0 and not job.reading
+    assert job.version == 1 and job.stepper.pending == 0 and not job.stepper.reading
     train(model, opt, 2)
     assert opt.dropped_steps == 1 and job.version == 2
     opt.close()
@@ -159,15 +133,15 @@ def test_a_name_is_reserved_until_its_deletion_has_cleaned_up(tmp_path, monkeypa
         return step(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "step", slow_step)
-    server = ShardServer("127.0.0.1", 0, device="cpu", checkpoint_dir=str(tmp_path),
-                         checkpoint_every=1).start()
+    server = ShardServer(ShardConfig(port=0, device="cpu", checkpoint_dir=str(tmp_path),
+                         checkpoint_every=1)).start()
     try:
         old = make_model()
         opt = RemoteOptimizer(old.parameters(), "adamw", servers=[server.address], job="again")
         slow.set()
         stepping = threading.Thread(target=train, args=(old, opt, 1))
         stepping.start()
-        while server.store.jobs["again"].pending == 0:   # on the stepper, slowed
+        while server.store.jobs["again"].stepper.pending == 0:   # on the stepper, slowed
             time.sleep(0.005)
         deleting = threading.Thread(target=delete_job, args=([server.address], "again"))
         deleting.start()

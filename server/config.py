@@ -1,0 +1,59 @@
+"""Everything a shard is configured with, in one record: `optserve server`'s flags fill a
+`ShardConfig`, and `ShardServer` and `serve` take it."""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+import grpc
+
+
+def half_of_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED."""
+    max_jobs: int = 64
+    max_params_per_job: int = 2_000_000_000
+    # parameters + optimizer state over all jobs; by default half of this machine's memory
+    max_state_bytes: int = field(default_factory=half_of_memory)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of the shard's TLS identity; with `client_ca`, clients must present a
+    certificate signed by it (mutual TLS)."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        read = lambda path: pathlib.Path(path).read_bytes()   # noqa: E731
+        return grpc.ssl_server_credentials(
+            [(read(self.key), read(self.cert))],
+            root_certificates=read(self.client_ca) if self.client_ca else None,
+            require_client_auth=self.client_ca is not None)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard's settings; the defaults are `optserve server`'s."""
+    host: str = "127.0.0.1"
+    port: int = 50051                    # 0: any free port
+    device: str = "auto"                 # auto, cpu, cuda or reference (kernels.get_backend)
+    max_threads: int = 64                # gRPC handler threads
+    barrier_timeout: float = 300.0       # seconds a sync step waits for the other workers
+    grace: float = 10.0                  # seconds in-flight calls get to finish on SIGTERM
+    metrics_port: int | None = None      # Prometheus metrics over HTTP on this port
+    metrics_host: str | None = None      # default: host
+    metrics_every: int = 1               # refresh per-tensor gauges every N steps of a job
+    max_tensor_series: int = 256         # per job; beyond it tensors aggregate by name prefix
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0            # versions; 0: only on SIGTERM and on request
+    keep_checkpoints: int = 3
+    tls: TLSFiles | None = None
+    tokens: dict[str, str] | None = None   # job -> bearer token; None: no tokens checked
+    limits: Limits = field(default_factory=Limits)

@@ -1,0 +1,275 @@
+"""Taking a step: the decisions under the job's lock (`Stepper.take`), then the arithmetic
+(`Stepper.run`): the mean of the workers' gradients in rank order, one backend call per
+part of whole tensors, each part's parameters encoded into the reply as soon as it is
+stepped, the report for the metrics, and a checkpoint when one is due.
+
+A step whose reply fits one chunk runs inline on the handler thread (handing it off cost
+more than it saved). A larger one takes its version at once and goes to the job's stepper
+thread, which takes it in parts (at most MAX_PARTS, each at least one reply chunk), so that
+the first parts' parameters are on the wire while the later ones are stepped. Until it is
+done, everything else that reads or writes the state waits (`wait_idle`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from optserve.kernels import Hyper, StepResult
+from optserve.proto.spec import WIRE_ITEMSIZE, DropReason
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.wire import CHUNK_BYTES
+from optserve.server import reply
+from optserve.server.admission import Contribution
+from optserve.server.reply import Progress, Result
+
+if TYPE_CHECKING:
+    from optserve.server.job import Job
+
+log = logging.getLogger("optserve.server")
+
+# A step on the stepper thread runs in parts of at least one reply chunk, and at most this
+# many: each part is one backend call.
+MAX_PARTS = 16
+
+
+@dataclass
+class Round:
+    """The gradients of one step: one worker's (async), or a sync step's quorum."""
+    step: int
+    contributions: dict[int, Contribution] = field(default_factory=dict)
+    result: Result | None = None
+
+
+@dataclass
+class StepReport:
+    """What one finished step measured, for the job's observer (the metrics recorder)."""
+    compute_seconds: float
+    active: np.ndarray            # bool per local tensor
+    result: StepResult            # the backend's per-tensor reports and sums
+    groups: list[pb.Hyperparameters]
+    workers: int
+    staleness: int
+    version: int                  # the version the step produced
+    lr_divisor: int               # the groups' lr was applied divided by this (staleness_lr)
+
+
+@dataclass
+class StepWork:
+    """A step as decided under the job's lock, for `run` to carry out."""
+    version: int
+    contributions: dict[int, Contribution]
+    skip: bool                    # a non-finite gradient under the skip policy: no arithmetic
+    active: np.ndarray            # bool per local tensor: what is stepped
+    shown: np.ndarray             # local tensors whose parameters the reply carries, in order
+    hyper: Hyper
+    sums: bool                    # whether the observer wants the float64 step sums
+    result: Result
+    checkpoint: dict[int, int] | None   # worker steps, when a checkpoint is due at `version`
+
+
+class Stepper:
+    """A job's steps. While one runs on the stepper thread, `pending` > 0 and `reading`
+    names the workers whose gradient buffers it still reads; all of it under job.cond."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        self.pending = 0
+        self.reading: set[int] = set()
+        self.idle_waiters = 0     # threads in wait_idle; new steps wait for them (gate)
+        self.mean_grad: np.ndarray | None = None      # sync rounds of several workers
+        self._thread: ThreadPoolExecutor | None = None
+
+    # ---- waiting (all with job.cond held) -----------------------------------------------
+    def wait_idle(self) -> None:
+        """Waits until no step runs on the stepper thread. While it waits, no new step
+        starts (gate), or a busy async job would never be idle."""
+        self.idle_waiters += 1
+        try:
+            self.job.cond.wait_for(lambda: self.pending == 0)
+        finally:
+            self.idle_waiters -= 1
+            self.job.cond.notify_all()
+
+    def gate(self) -> None:
+        """Lets a new step start once no reader waits for the stepper to be idle."""
+        self.job.cond.wait_for(lambda: not self.idle_waiters)
+
+    def wait_unread(self, worker: int) -> None:
+        """Waits until no running step reads `worker`'s gradient buffer (takes the lock)."""
+        with self.job.cond:
+            self.job.cond.wait_for(lambda: worker not in self.reading)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+
+    # ---- deciding -----------------------------------------------------------------------
+    def take(self, rnd: Round) -> Result:
+        """Takes the round's step: the decisions here, the arithmetic in `run`. Called with
+        job.cond held; the job's version moves on before this returns."""
+        job = self.job
+        skip = any(c.nonfinite for c in rnd.contributions.values())
+        if skip:
+            job.observer.skipped(job, DropReason.NONFINITE)
+        n = job.layout.num_tensors
+        active = np.zeros(n, bool)
+        if not skip:
+            for c in rnd.contributions.values():
+                active[c.local] = True
+        shown = np.arange(n) if skip else np.flatnonzero(active)
+        first = rnd.contributions[min(rnd.contributions)]
+        version = job.version + 1
+        result = Result(version, [job.tensors[k] for k in shown],
+                        job.snapshots.take(job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
+                        job.param_dtype, DropReason.NONFINITE if skip else None)
+        due = not skip and job.checkpoint_every and version % job.checkpoint_every == 0
+        steps_after = {**job.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
+        work = StepWork(version, dict(rnd.contributions), skip, active, shown,
+                        Hyper.from_groups(first.groups, job.seg_group,
+                                          job.lr_divisor(first.staleness)),
+                        not skip and job.observer.wants_sums(job), result,
+                        steps_after if due else None)
+        inline = (self.pending == 0 and len(result.payload) <= CHUNK_BYTES
+                  or not job.backend.steps_in_parts)
+        if inline:
+            self.run(work)   # a failure raises here, before anything is settled
+        else:
+            result.progress = Progress()
+        job.version = version
+        job.settle(rnd, result)
+        if not inline:
+            self._submit(work)
+        return result
+
+    def _submit(self, work: StepWork) -> None:
+        """Hands a settled step to the stepper thread. Called with job.cond held."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"optserve-step-{self.job.name}")
+        try:
+            self._thread.submit(self.run, work)
+        except RuntimeError as exc:   # the interpreter is shutting down
+            self._forget(work)
+            work.result.progress.fail(exc)
+            raise
+        self.pending += 1
+        self.reading |= set(work.contributions)
+
+    # ---- doing --------------------------------------------------------------------------
+    def run(self, work: StepWork) -> None:
+        """Steps the tensors part by part, writing each part's parameters into the reply as
+        soon as it is done, then reports and checkpoints. The reply's last part is released
+        only then, so a worker whose step has returned sees its metrics and checkpoint. On
+        the stepper thread, it ends by letting the next step (or any reader) go."""
+        job, progress = self.job, work.result.progress
+        try:
+            result, seconds = self._step_parts(work)
+            if not work.skip:
+                first = work.contributions[min(work.contributions)]
+                job.observer.stepped(job, StepReport(
+                    seconds, work.active, result, first.groups, len(work.contributions),
+                    first.staleness, work.version, job.lr_divisor(first.staleness)))
+        except BaseException as exc:
+            if progress is None:
+                raise
+            log.exception("job %r: step to version %d failed", job.name, work.version)
+            self._forget(work)
+            progress.fail(exc)
+        else:
+            self._checkpoint(work)
+            if progress is not None:
+                progress.advance(len(work.result.payload))
+        finally:
+            if progress is not None:
+                with job.cond:
+                    self.pending -= 1
+                    self.reading -= set(work.contributions)
+                    job.cond.notify_all()
+
+    def _step_parts(self, work: StepWork) -> tuple[StepResult | None, float]:
+        """The step's arithmetic and its reply; returns the backend's per-tensor result and
+        the seconds spent in the backend."""
+        job = self.job
+        progress, payload = work.result.progress, work.result.payload
+        result, seconds, pos = None, 0.0, 0
+        parts = self._parts(work.shown, WIRE_ITEMSIZE[job.param_dtype])
+        for i, part in enumerate(parts):
+            if not work.skip:
+                grad = self._average(work.contributions, part)
+                mask = np.zeros(job.layout.num_tensors, bool)
+                mask[part] = True
+                start = time.perf_counter()
+                job.state.steps[part] += 1
+                try:
+                    out = job.backend.step(job.spec.optimizer, job.layout, job.state, grad,
+                                           mask, work.hyper, sums=work.sums)
+                except BaseException:
+                    job.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
+                    raise
+                seconds += time.perf_counter() - start
+                if result is None:
+                    result = out
+                else:
+                    result.take(out, mask)
+            pos = reply.encode(job.state.param, job.layout, part, job.param_dtype, payload, pos)
+            if progress is not None and i < len(parts) - 1:   # the last waits for `run`
+                progress.advance(pos)
+        return result, seconds
+
+    def _parts(self, local: np.ndarray, itemsize: int) -> list[np.ndarray]:
+        """`local` as runs of whole tensors of at least one reply chunk each (one run when
+        the backend steps in one call), each stepped and sent as soon as it is done."""
+        if not self.job.backend.steps_in_parts:
+            return [local]
+        nbytes = self.job.layout.sizes[local] * itemsize
+        target = max(CHUNK_BYTES, int(nbytes.sum()) // MAX_PARTS)
+        part = (np.cumsum(nbytes) - nbytes) // target   # where each tensor starts
+        return np.split(local, np.flatnonzero(np.diff(part)) + 1)
+
+    def _average(self, contributions: dict[int, Contribution], part: np.ndarray) -> np.ndarray:
+        """The gradient of the `part` tensors: one worker's own buffer, or the mean over the
+        workers that sent each tensor, summed in rank order. Averaging part by part keeps
+        each part's gradients in the cache for the kernel that follows."""
+        layout = self.job.layout
+        ranks = sorted(contributions)
+        if len(ranks) == 1:
+            return contributions[ranks[0]].grad
+        if self.mean_grad is None:
+            self.mean_grad = np.empty(layout.numel, np.float32)
+        sent = np.zeros((len(ranks), layout.num_tensors), bool)
+        for i, w in enumerate(ranks):
+            sent[i, contributions[w].local] = True
+        if sent[:, part].all():   # the usual case: every worker sent every tensor
+            spans = [(o, n, ranks) for o, n in layout.runs(part)]
+        else:
+            spans = [(int(layout.offsets[k]), int(layout.sizes[k]),
+                      [w for i, w in enumerate(ranks) if sent[i, k]]) for k in part]
+        for o, n, senders in spans:
+            mean = self.mean_grad[o:o + n]
+            np.copyto(mean, contributions[senders[0]].grad[o:o + n])
+            for w in senders[1:]:
+                mean += contributions[w].grad[o:o + n]
+            mean /= np.float32(len(senders))
+        return self.mean_grad
+
+    def _checkpoint(self, work: StepWork) -> None:
+        """Writes the checkpoint due at this step, if one is. A failed write is logged, not
+        raised: the step itself is taken, and the next due step tries again."""
+        if work.checkpoint is None:
+            return
+        try:
+            self.job.checkpointer.save(self.job, work.version, work.checkpoint)
+        except Exception:
+            log.exception("job %r: checkpoint at version %d failed", self.job.name, work.version)
+
+    def _forget(self, work: StepWork) -> None:
+        """Takes a failed step's result out of the retry cache: a retry is then a late step
+        (Admission.drop_reason) and gets the parameters as they are, not the failure again."""
+        with self.job.cond:
+            for w in work.contributions:
+                if self.job.results.get(w, (0, None))[1] is work.result:
+                    del self.job.results[w]
