@@ -2,7 +2,8 @@
 
 Needs torch, grpcio and protobuf; never cupy, numba or prometheus-client.
 """
-from optserve.client.remote import RemoteOptimizer, RolledBack, delete_job
+from optserve.client.optimizer import RemoteOptimizer, RolledBack
+from optserve.client.transport import delete_job
 from optserve.proto.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Internal,
                                    InvalidArgument, NotFound, OptserveError, PermissionDenied,
                                    ResourceExhausted, Unauthenticated, Unavailable)

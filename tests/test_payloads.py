@@ -1,6 +1,6 @@
 """Payload handling on both ends: the shard (server/admission.py) decodes gradient chunks into
 place as they arrive, however the chunks cut the elements, and reuses reply buffers only
-once nothing reads them; the worker (client/remote.py) writes reply chunks into its
+once nothing reads them; the worker (client/payloads.py) writes reply chunks into its
 parameters as they arrive."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optserve.client import InvalidArgument, OptserveError
-from optserve.client.remote import _Buffers
+from optserve.client.payloads import Buffers
 from optserve.kernels.convert import decode_reference
 from optserve.proto.spec import DTYPE_NAMES
 from optserve.proto.v1 import optserve_pb2 as pb
@@ -106,7 +106,7 @@ def test_reply_is_written_into_the_parameters_whatever_the_chunk_boundaries(wire
     mine = [0, 1, 2, 4]                         # tensor 3 lives on another shard
     sent = [torch.randn(params[t].shape) for t in mine]
     payload = wire_bytes(torch.cat([v.reshape(-1) for v in sent]).numpy(), wire)
-    buffers = _Buffers(mine, params, TORCH[wire])
+    buffers = Buffers(mine, params, TORCH[wire])
     header = buffers.receive(reply_stream(mine, payload, wire, chunk), params)
     assert list(header.tensors) == mine
     for t, v in zip(mine, sent):   # torch's own cast of the whole tensor is the oracle
@@ -121,5 +121,5 @@ def test_reply_that_does_not_fit_the_tensors_is_refused_before_writing(tensors, 
     size = sum(params[t].numel() for t in tensors) * 4 + extra
     stream = reply_stream(tensors, b"\x01" * size, "float32", 64)
     with pytest.raises(OptserveError, match="do not match this worker's tensors"):
-        _Buffers([0, 1, 2, 4], params, torch.float32).receive(stream, params)
+        Buffers([0, 1, 2, 4], params, torch.float32).receive(stream, params)
     assert all(not p.any() for p in params)
