@@ -1,7 +1,7 @@
 """`optserve bench kernels`: optimizer step throughput of optserve's backend against the peers
 users would run instead, and against the machine's memory roofline, all in one run.
 
-For each optimizer (AdamW, AdamP, Adafactor), size (16M, 64M parameters) and layout
+For each optimizer (AdamW, AdamP, Adafactor, Lion), size (16M, 64M parameters) and layout
   one-tensor          one square matrix (4096², 8192²): factored by Adafactor, channel
                       rows for AdamP
   transformer-mixed   ~200 tensors shaped like a GPT block stack: token and position
@@ -20,7 +20,8 @@ it measures, after warm-up, the median time of several steps of
   peers               AdamW: torch.optim.AdamW fused=True and foreach=True;
                       AdamP: adamp.AdamP 0.3.0 (clovaai, the reference code);
                       Adafactor: torch.optim.Adafactor and transformers' Adafactor
-                      (relative step, parameter scaling: the same update as optserve's).
+                      (relative step, parameter scaling: the same update as optserve's);
+                      Lion: lion_pytorch.Lion (its default, non-Triton update).
   roofline            the machine's own limit for a step that moves AdamW's bytes: a fused
                       single pass reading 4 float32 streams and writing 3 (numba, parallel;
                       CuPy elementwise on a GPU), and a plain large copy; timed in the same
@@ -40,6 +41,7 @@ optimizer, so GB/s ranks them exactly as params/s does):
   Adafactor  24 B: read θ, g for RMS(θ) and the row/column means of g²; read g again for
              RMS(U); read θ, g and write θ. The factored second moments are O(R + C) per
              matrix and are left out.
+  Lion       20 B: read θ, g, m; write θ, m.
 
 Threads: 2 (torch.set_num_threads, numba.set_num_threads), recorded per record.
 Results: bench/results/kernels.json (one record per measurement) and kernels.md.
@@ -67,15 +69,16 @@ from optserve.bench import _common
 OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 THREADS = 2
-BYTES_PER_PARAM = {"adamw": 28, "adamp": 36, "adafactor": 24}
+BYTES_PER_PARAM = {"adamw": 28, "adamp": 36, "adafactor": 24, "lion": 20}
 ROOFLINE_BYTES = 28          # the roofline stream moves AdamW's bytes
 # Targets (CPU, 2 threads): optserve / peer params/s.
 TARGETS = {("adamw", "torch.AdamW(fused)"): 1.0, ("adamp", "adamp.AdamP"): 4.0,
            ("adafactor", "torch.Adafactor"): 4.0}
 PEERS = {"adamw": ("torch.AdamW(fused)", "torch.AdamW(foreach)"),
          "adamp": ("adamp.AdamP",),
-         "adafactor": ("torch.Adafactor", "transformers.Adafactor")}
-OPTIMIZERS = ("adamw", "adamp", "adafactor")
+         "adafactor": ("torch.Adafactor", "transformers.Adafactor"),
+         "lion": ("lion_pytorch.Lion",)}
+OPTIMIZERS = ("adamw", "adamp", "adafactor", "lion")
 LAYOUTS = ("one-tensor", "transformer-mixed")
 
 
@@ -199,6 +202,9 @@ def make_peer(impl: str, params):
         from transformers.optimization import Adafactor
         return Adafactor(params, lr=None, relative_step=True, scale_parameter=True,
                          warmup_init=False)
+    if impl == "lion_pytorch.Lion":
+        from lion_pytorch import Lion
+        return Lion(params, lr=1e-4)
     raise ValueError(impl)
 
 
