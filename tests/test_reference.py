@@ -701,3 +701,13 @@ def test_adam_family_exact_zero_gradients(optimizer):
         fn(p_r, g_r, st, step=t, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd)
         _close(p_r, p_t, f"param after step {t}")
         _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)
+
+
+def test_every_registered_optimizer_has_an_oracle_test():
+    """A registered optimizer without a test against an independent implementation here
+    fails this test (the kernels' parity tests only compare with the reference)."""
+    oracle_tests = {"adamw": test_adamw_matches_torch, "adam": test_adam_coupled_l2_matches_torch,
+                    "adamp": test_adamp_matches_package,
+                    "adafactor": test_adafactor_matches_transformers,
+                    "lion": test_lion_matches_lion_pytorch}
+    assert set(oracle_tests) == set(REGISTRY) == set(KERNELS)
