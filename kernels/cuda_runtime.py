@@ -3,8 +3,16 @@
 The kernels live in kernels/csrc: `common.cuh` (tables, loads, reductions, the step sums)
 and one `.cu` file per optimizer. `assemble` joins the files an optimizer set needs into
 one translation unit (each header once, `#line` markers so that compiler messages name
-the real file and line); CuPy keys its kernel cache on that whole text, so an edited
-header is never served from a stale cache.
+the real file and line).
+
+One compiler configuration. `compile_ptx` is the only way the kernels are compiled: NVRTC
+with OPTIONS and nothing else, to PTX for the device's architecture, which the driver
+loads. CuPy's own compile path (RawModule) appends `-ftz=true`, which would flush float32
+subnormals to zero; here denormals are kept on purpose, so that the kernels round as the
+NumPy reference does everywhere (the kernels are memory-bound: FTZ buys nothing), and the
+PTX that tests/test_cuda.py inspects is the PTX that runs. Compiled PTX is cached on disk
+(`kernel_cache`), keyed by the source, the options, the architecture and NVRTC's version,
+so an edited header is never served from a stale cache.
 
 The host reads its layouts from the same files: `constant("TC")` is an integer #define,
 `struct_dtype("AdamCoef")` the NumPy dtype of a struct of double or i64 fields. A table
@@ -17,17 +25,61 @@ module needs no GPU and no CuPy. Tests install a host emulation with the same me
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import pathlib
 import re
+import tempfile
 from typing import Iterable
 
 import numpy as np
 
 CSRC = pathlib.Path(__file__).with_name("csrc")
 
-# NVRTC options: C++17, and no FMA contraction (the reference rounds every mul and add).
-# `/` and sqrtf are IEEE (NVRTC's default --prec-div=true --prec-sqrt=true).
-OPTIONS = ("-std=c++17", "--fmad=false")
+# NVRTC options: C++17, no FMA contraction (the reference rounds every mul and add), and
+# IEEE subnormals (NVRTC's default; CuPy's RawModule would add -ftz=true). `/` and sqrtf
+# are IEEE too (NVRTC's default --prec-div=true --prec-sqrt=true).
+OPTIONS = ("-std=c++17", "--fmad=false", "--ftz=false")
+
+
+class CompileError(RuntimeError):
+    """NVRTC refused the kernels; the message carries its log."""
+
+
+def kernel_cache() -> pathlib.Path:
+    """Where compiled kernels are kept: $OPTSERVE_KERNEL_CACHE, else ~/.cache/optserve."""
+    return pathlib.Path(os.environ.get("OPTSERVE_KERNEL_CACHE")
+                        or pathlib.Path.home() / ".cache" / "optserve" / "kernels")
+
+
+def compile_ptx(source: str, arch: int, cache: pathlib.Path | None = None) -> bytes:
+    """PTX of `source` for compute capability `arch` (90 for sm_90), by NVRTC with OPTIONS.
+    Needs no GPU: only NVRTC (cupy-cuda13x's `cupy_backends`, with the nvidia-cuda-nvrtc
+    library)."""
+    from cupy_backends.cuda.libs import nvrtc
+    options = (f"--gpu-architecture=compute_{arch}", *OPTIONS)
+    key = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()
+    path = (cache or kernel_cache()) / f"{key[:32]}.ptx"
+    if path.exists():
+        return path.read_bytes()
+    prog = nvrtc.createProgram(source, "optserve.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as e:
+            raise CompileError(f"NVRTC failed ({e}):\n{nvrtc.getProgramLog(prog)}") from None
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    try:   # written whole or not at all: another shard may compile the same kernels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ptx-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(ptx)
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a read-only cache only costs a compile per start
+    return ptx
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
@@ -101,15 +153,17 @@ def flat(table: np.ndarray) -> np.ndarray:
 
 class CupyRuntime:
     """Device arrays, copies and launches through CuPy. The methods are the runtime
-    interface that kernels/cuda.py uses (and a test emulation implements)."""
+    interface that kernels/cuda.py uses (and a test emulation implements). Creating one
+    compiles the kernels (or takes them from the cache) for the current device."""
 
     def __init__(self, source: str) -> None:
         import cupy
         self.cp = cupy
-        self.module = cupy.RawModule(code=source, options=OPTIONS)
+        device = cupy.cuda.Device()
+        self.device_name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+        self.module = cupy.cuda.function.Module()
+        self.module.load(compile_ptx(source, int(device.compute_capability)))
         self._kernels: dict[str, object] = {}
-        self.device_name = cupy.cuda.runtime.getDeviceProperties(
-            cupy.cuda.Device().id)["name"].decode()
 
     def is_device_array(self, x) -> bool:
         return isinstance(x, self.cp.ndarray)

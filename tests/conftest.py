@@ -43,13 +43,18 @@ def step_path(request, monkeypatch):
 # ---- the CUDA backend's runtimes: the host emulation, and a real GPU where there is one ----
 
 @pytest.fixture(scope="session")
-def emulated_runtime(tmp_path_factory):
+def cxx():
+    """The host C++ compiler the CUDA emulation is built with."""
     import shutil
-
-    import emulator
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
+    found = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if found is None:
         skip_or_fail("no C++ compiler for the CUDA host emulation")
+    return found
+
+
+@pytest.fixture(scope="session")
+def emulated_runtime(cxx, tmp_path_factory):
+    import emulator
     return emulator.build(cxx, tmp_path_factory.mktemp("cuda_emu"))
 
 

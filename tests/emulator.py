@@ -113,9 +113,10 @@ class EmulatedRuntime:
         assert not bad, f"{kernel} wrote outside its buffers (arguments {bad})"
 
 
-def build(cxx: str, directory: pathlib.Path) -> EmulatedRuntime:
-    """Compiles every registered optimizer's kernels for the host, into `directory`."""
-    source = cuda.source()
+def build(cxx: str, directory: pathlib.Path, source: str | None = None) -> EmulatedRuntime:
+    """Compiles `source` (default: every registered optimizer's kernels) for the host, into
+    `directory`."""
+    source = source or cuda.source()
     glue, arity = wrappers(source)
     assert set(arity) == set(cuda.kernel_names()), set(arity) ^ set(cuda.kernel_names())
     src = directory / "emu.cpp"

@@ -2,9 +2,9 @@
 
 The kernels' parity with the reference runs in tests/test_kernels.py, on the host emulation
 (tests/emulator.py) and on a real GPU where there is one. Here:
-1. Compile checks, no GPU needed: the assembled source through NVRTC (the library CuPy uses,
-   from the `nvidia-cuda-nvrtc` wheel) to PTX for compute_90, and every .cu file on its own
-   through nvcc to a cubin where nvcc is installed (checking that no kernel spills).
+1. Compile checks, no GPU needed: the PTX that a GPU shard loads, compiled by the same
+   function (NVRTC, from the `nvidia-cuda-nvrtc` wheel) for compute_90, and every .cu file on
+   its own through nvcc to a cubin where nvcc is installed (checking that no kernel spills).
 2. What the host reads from the sources (constants, struct layouts) and the exactness of
    the 16-bit loads, on the emulation.
 """
@@ -40,38 +40,39 @@ def _nvrtc():
                      "pip install -e '.[nvrtc-check]'")
 
 
-def _nvrtc_compile(nvrtc, source: str, options) -> str:
-    prog = nvrtc.createProgram(source, "optserve_kernels.cu", [], [])
-    try:
-        try:
-            nvrtc.compileProgram(prog, list(options))
-        except Exception as e:
-            pytest.fail(f"NVRTC failed ({e}):\n{nvrtc.getProgramLog(prog)}")
-        return nvrtc.getPTX(prog).decode()
-    finally:
-        nvrtc.destroyProgram(prog)
-
-
-def test_nvrtc_compiles_every_kernel():
-    nvrtc = _nvrtc()
-    ptx = _nvrtc_compile(nvrtc, cuda.source(),
-                         ["--gpu-architecture=compute_90", *cuda_runtime.OPTIONS])
+def test_the_ptx_that_runs_has_every_kernel_no_fma_and_no_ftz(tmp_path):
+    """compile_ptx is what CupyRuntime loads: the checks below are on the code that runs."""
+    _nvrtc()
+    ptx = cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path).decode()
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
     assert entries == set(cuda.kernel_names()), entries ^ set(cuda.kernel_names())
-    # --fmad=false: no multiply-add contraction anywhere (the reference rounds each op).
+    # --fmad=false: no multiply-add contraction (the reference rounds each operation);
+    # --ftz=false: subnormals are kept, as NumPy keeps them.
     assert not re.search(r"\bfma\.rn\.f32\b", ptx)
+    assert ".ftz" not in ptx
+    assert re.search(r"\bmul\.rn\.f32\b", ptx)   # the patterns above can match
 
 
-def test_nvrtc_reports_a_broken_kernel_at_its_file_and_line():
+def test_compiled_kernels_are_cached_by_their_source(tmp_path):
+    _nvrtc()
+    first = cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.ptx"))) == 1
+    assert cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path) == first
+    edited = cuda.source().replace("#define TC 128", "#define TC 128   // edited")
+    cuda_runtime.compile_ptx(edited, 90, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.ptx"))) == 2
+
+
+def test_nvrtc_reports_a_broken_kernel_at_its_file_and_line(tmp_path):
     """A kernel that does not compile fails with NVRTC's log, which names the .cu file and
-    line (the check above is not vacuous, and #line markers survive the assembly)."""
-    nvrtc = _nvrtc()
+    line (the checks above are not vacuous, and #line markers survive the assembly)."""
+    _nvrtc()
     broken = cuda.source().replace("adam_moments(gj, m[q], v[q], c1, b2, c2);",
                                    "adam_moments(gj, m[q], v[q], c1, b2, undefined_name);")
     line = next(i for i, text in enumerate((CSRC / "adam.cu").read_text().splitlines(), 1)
                 if "adam_moments(gj" in text)
-    with pytest.raises(pytest.fail.Exception, match=rf'adam\.cu\({line}\).*undefined_name'):
-        _nvrtc_compile(nvrtc, broken, ["--gpu-architecture=compute_90", *cuda_runtime.OPTIONS])
+    with pytest.raises(cuda_runtime.CompileError, match=rf'adam\.cu\({line}\).*undefined_name'):
+        cuda_runtime.compile_ptx(broken, 90, cache=tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted({k.cuda.source for k in KERNELS.values()}))

@@ -280,6 +280,24 @@ def test_cuda_16bit_gradients(cuda_backend, case_name, grad_dtype):
     run_parity(cuda_backend, case_name, grad_dtype=grad_dtype, steps=2)
 
 
+def test_a_missing_barrier_fails_the_parity_test(cxx, tmp_path):
+    """The emulation shuffles the order of a block's threads and poisons shared memory per
+    block, so that a race shows: without the __syncthreads after adamp_decide's thread 0
+    writes the projection mode to shared memory, AdamP's parity test fails (as it would,
+    now and then, on a GPU)."""
+    import emulator
+    source = cuda.source()
+    planted = source.replace("mode_sh = mode;\n        }\n        __syncthreads();",
+                             "mode_sh = mode;\n        }")
+    assert planted != source
+    previous = cuda.use_runtime(emulator.build(cxx, tmp_path, planted))
+    try:
+        with pytest.raises(AssertionError, match="Mismatch"):   # wrong numbers, not a crash
+            run_parity(cuda, "adamp-orthogonal", steps=1)
+    finally:
+        cuda.use_runtime(previous)
+
+
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_reference_without_sums_is_bit_identical(case_name):
     """reference.step(sums=False) steps exactly as with sums=True, and returns no sums."""

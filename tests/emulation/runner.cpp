@@ -1,4 +1,24 @@
 // The block scheduler of the host emulation (see shim.h).
+
+// Every __shared__ variable lives in the section emu_shared (shim.h); the linker marks its
+// ends. The anchor keeps the section, and so the symbols, there for any kernel source.
+static char emu_shared_anchor __attribute__((section("emu_shared"), used));
+extern "C" char __start_emu_shared[], __stop_emu_shared[];
+
+// The order a block's threads run in between two barriers: a fresh shuffle each time
+// (xorshift, seeded by the launch and block, so that a failure reproduces).
+static unsigned long long emu_rng;
+static int emu_order[emu::MAXT];
+
+static void emu_shuffle(int n) {
+    for (int i = 0; i < n; ++i) emu_order[i] = i;
+    for (int i = n - 1; i > 0; --i) {
+        emu_rng ^= emu_rng << 13; emu_rng ^= emu_rng >> 7; emu_rng ^= emu_rng << 17;
+        const int j = (int)(emu_rng % (unsigned long long)(i + 1));
+        const int t = emu_order[i]; emu_order[i] = emu_order[j]; emu_order[j] = t;
+    }
+}
+
 static void emu_trampoline() {
     emu::entry_fn(emu::entry_args);
     emu::fib[emu::cur].state = emu::DONE;
@@ -42,15 +62,22 @@ extern "C" int emu_launch(void (*fn)(const long long*), const long long* args, l
     bdim = emu_dim3{(unsigned int)block, 1u, 1u};
     for (int i = 0; i < nthreads; ++i)
         if (!stacks[i]) stacks[i] = (char*)malloc(STACK);
+    static unsigned long long launches = 0;
+    ++launches;
     for (long long b = 0; b < grid; ++b) {
         bidx = emu_dim3{(unsigned int)b, 0u, 0u};
+        emu_rng = 0x9E3779B97F4A7C15ull * (launches * 1000003ull + (unsigned long long)b + 1);
+        memset(__start_emu_shared, 0xFF, (size_t)(__stop_emu_shared - __start_emu_shared));
         for (int i = 0; i < nthreads; ++i) {
             emu_init_fiber(i);
             fib[i].state = RUN; fib[i].wseq = fib[i].bseq = 0;
         }
         for (;;) {
-            for (int i = 0; i < nthreads; ++i)
+            emu_shuffle(nthreads);
+            for (int k = 0; k < nthreads; ++k) {
+                const int i = emu_order[k];
                 if (fib[i].state == RUN) { cur = i; jump(&sched, &fib[i].ctx); }
+            }
             int done = 0, at_block = 0;
             for (int i = 0; i < nthreads; ++i) {
                 done += fib[i].state == DONE;

@@ -1,7 +1,10 @@
 // A host emulation of the CUDA thread model, enough to run optserve's kernels on a CPU
 // (tests/emulator.py). Each GPU thread is a fiber; __syncthreads and warp shuffles are
 // barriers the scheduler (runner.cpp) releases once every thread of the block, or lane of
-// the warp, has arrived; blocks run one after another. Compiled as:
+// the warp, has arrived; blocks run one after another. Between barriers the threads of a
+// block run in a shuffled order, and __shared__ memory (one section, emu_shared) is
+// poisoned before each block, so that a thread reading what another has not yet written,
+// or what an earlier block left, reads garbage. Compiled as:
 //   shim.h, the kernel source (kernels/cuda_runtime.assemble), runner.cpp, wrappers.
 #include <math.h>
 #include <string.h>
@@ -80,7 +83,7 @@ static inline void block_here(int state) {
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static __attribute__((section("emu_shared")))
 
 static inline void __syncthreads() { emu::fib[emu::cur].bseq++; emu::block_here(emu::WAIT_BLOCK); }
 
