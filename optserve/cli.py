@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where --compare writes its plot")
     demo.add_argument("--steps", type=_positive, default=150)
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
-                      help="comma-separated list of optimizers to run, one after another")
+                      help="comma-separated list of optimizers to run, one after another "
+                           "(adamw, adam, adamp, adafactor, lion)")
     demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"])
     demo.set_defaults(func=_demo)
 
