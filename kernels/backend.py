@@ -23,6 +23,7 @@ from optserve.kernels.layout import FlatLayout, FlatState
 from optserve.proto import optimizers
 
 if TYPE_CHECKING:
+    from optserve.kernels.state import JobState
     from optserve.proto.optimizers import OptimizerInfo
 
 
@@ -150,6 +151,9 @@ class Backend(Protocol):
 
     def step(self, optimizer: str, layout: FlatLayout, state: FlatState, grad: Any,
              active: npt.ArrayLike, hyper: Hyper, *, sums: bool = True) -> StepResult: ...
+
+    def new_state(self, layout: FlatLayout, params: np.ndarray) -> "JobState":
+        """A job's state (kernels/state.py), kept where this backend steps it."""
 
 
 def begin_step(kernel: Kernel, layout: FlatLayout, state: FlatState, grad: Any,

@@ -14,6 +14,7 @@ float64 with vectorised NumPy and handed to the kernels as float32, as the refer
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -24,6 +25,7 @@ from optserve.kernels import registry
 from optserve.kernels.backend import StepResult, begin_step
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
+from optserve.kernels.state import HostState
 
 name = "cpu"
 # A step may be taken in several calls over disjoint sets of tensors at no extra cost: the
@@ -61,3 +63,8 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: np.ndarray,
     finally:
         numba.set_num_threads(threads)
     return call.result
+
+
+def new_state(layout: FlatLayout, params: np.ndarray) -> HostState:
+    """A job's state in host memory, stepped by this backend."""
+    return HostState(sys.modules[__name__], layout, params)

@@ -13,6 +13,7 @@ conventions, shared with the fast paths:
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from optserve.kernels import registry
 from optserve.kernels.backend import StepResult, StepSums, begin_step
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
+from optserve.kernels.state import HostState
 
 name = "reference"
 steps_in_parts = True
@@ -50,3 +52,8 @@ def _add_sums(out: StepSums, i: int, w: np.ndarray, dw: np.ndarray, g: np.ndarra
     out.wdw[i] = np.vdot(w, dw)
     out.dw2[i] = np.vdot(dw, dw)
     out.g2[i] = np.vdot(g, g)
+
+
+def new_state(layout: FlatLayout, params: np.ndarray) -> HostState:
+    """A job's state in host memory, stepped by this backend."""
+    return HostState(sys.modules[__name__], layout, params)

@@ -3,8 +3,9 @@ a Step before any parameter or optimizer state is read or written.
 
 Who calls (the worker is in range and held by this client's session), which step (a retry
 of an answered step, one in order, or one too late or too stale), what it carries (its
-tensors, its dtype, each group's hyperparameters), and its gradient, decoded into the
-worker's own buffer chunk by chunk as it arrives and checked for NaN and Inf on the way.
+tensors, its dtype, each group's hyperparameters), and its gradient, handed chunk by chunk
+as it arrives to the job's state (kernels/state.py), which keeps one buffer per worker and
+checks for NaN and Inf.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from optserve.kernels import convert
 from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
-from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES, DropReason, dtype_name
+from optserve.proto.spec import DropReason, dtype_name
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, RawChunk
+from optserve.proto.wire import RawChunk
 
 if TYPE_CHECKING:
     from optserve.server.job import Job
@@ -31,23 +31,22 @@ class Contribution:
     """One worker's received gradient for one step."""
     worker: int
     step: int
-    local: np.ndarray             # local tensor indices, ascending
-    grad: np.ndarray              # float32, full flat layout (only `local` segments valid)
+    local: np.ndarray             # local tensor indices, ascending (its gradient is in the
+                                  # job's state, under the worker)
     groups: list[pb.Hyperparameters]
     staleness: int = 0
     nonfinite: bool = False       # holds NaN/Inf and the job's policy is to skip the step
 
 
 class Admission:
-    """A job's gate: the checks, the sessions that hold its workers, and one gradient
-    buffer per worker (reused every step under that worker's lock; a sync round holds at
-    most one gradient per worker, averaged before the worker's call ends)."""
+    """A job's gate: the checks, the sessions that hold its workers, and a lock per worker
+    (the state keeps one gradient per worker: a sync round holds at most one per worker,
+    averaged before the worker's call ends)."""
 
     def __init__(self, job: "Job"):
         self.job = job
         self.sessions: dict[int, str] = {}           # worker -> the client that holds it
         self.worker_locks = [threading.Lock() for _ in range(job.spec.num_workers)]
-        self.grads: dict[int, np.ndarray] = {}
 
     def check_worker(self, worker: int) -> int:
         if worker >= self.job.spec.num_workers:
@@ -100,25 +99,19 @@ class Admission:
         local = self.local_indices(header.tensors)
         groups = self.check_groups(header.groups)
         job.stepper.wait_unread(header.worker)   # the last step may still read its buffer
-        grad = self.grads.get(header.worker)
-        if grad is None:
-            grad = self.grads[header.worker] = np.empty(job.layout.numel, np.float32)
-        itemsize = WIRE_ITEMSIZE[header.dtype]
-        decoder = Decoder(job.payload_bytes(local, itemsize),
-                          f"job {job.name!r} step {header.step} gradient",
-                          WIRE_NAMES[header.dtype], itemsize, grad, job.layout.runs(local))
+        receiver = job.state.receive(header.worker, header.dtype, local,
+                                     f"job {job.name!r} step {header.step} gradient")
         start = time.perf_counter()
         for chunk in chunks:
-            decoder.add(chunk)
-        finite = decoder.finish()
-        job.observer.received(job, decoder.total, time.perf_counter() - start)
+            receiver.add(chunk)
+        finite = receiver.finish()
+        job.observer.received(job, receiver.total, time.perf_counter() - start)
         if not finite and job.spec.nonfinite != pb.NONFINITE_SKIP:
             job.observer.skipped(job, DropReason.NONFINITE)
-            bad = next(k for k in local if not np.isfinite(job.layout.param_view(grad, k)).all())
+            bad = job.state.first_nonfinite(header.worker, local)
             raise InvalidArgument(f"job {job.name!r}: non-finite gradient in tensor "
                                   f"{job.spec.tensors[job.tensors[bad]].name!r}")
-        return Contribution(header.worker, header.step, local, grad, groups,
-                            nonfinite=not finite)
+        return Contribution(header.worker, header.step, local, groups, nonfinite=not finite)
 
     def drop_reason(self, c: Contribution, version: int) -> DropReason | None:
         """LATE for a step already taken (in sync mode, without this worker), STALE for an
@@ -168,53 +161,3 @@ class Admission:
             out.append(h)
         return out
 
-
-class Decoder(Assembler):
-    """Receives a gradient payload in a wire format and decodes each chunk into its place in
-    `out` (float32) as it arrives, while its bytes are still in the cache and the next
-    chunk is on its way. `runs` are the (start, length) element ranges of `out` that the
-    payload fills, in payload order. An element cut in two by a chunk boundary is put
-    together first. `finish()` says whether every value was finite."""
-
-    def __init__(self, total_bytes: int, what: str, wire: str, itemsize: int, out: np.ndarray,
-                 runs: list[tuple[int, int]]):
-        super().__init__(total_bytes, what, out=out)
-        self.wire, self.itemsize, self.runs = wire, itemsize, runs
-        self.run, self.in_run = 0, 0               # where the next element goes
-        self.split = np.empty(itemsize, np.uint8)  # the start of an element cut by a chunk end
-        self.split_len = 0
-        self.finite = True
-
-    def _land(self, data: np.ndarray) -> None:
-        if self.split_len:
-            take = min(self.itemsize - self.split_len, len(data))
-            self.split[self.split_len:self.split_len + take] = data[:take]
-            self.split_len += take
-            data = data[take:]
-            if self.split_len < self.itemsize:
-                return
-            self._decode(self.split)
-            self.split_len = 0
-        whole = len(data) - len(data) % self.itemsize
-        if whole:
-            self._decode(data[:whole])
-        self.split_len = len(data) - whole
-        self.split[:self.split_len] = data[whole:]
-
-    def _decode(self, raw: np.ndarray) -> None:
-        """Decodes whole elements into the runs, continuing where the last chunk stopped."""
-        size = self.itemsize
-        pos, n = 0, len(raw) // size
-        while pos < n:
-            start, length = self.runs[self.run]
-            take = min(length - self.in_run, n - pos)
-            dst = self.buf[start + self.in_run:start + self.in_run + take]
-            self.finite &= convert.decode(raw[pos * size:(pos + take) * size], self.wire, dst)
-            pos += take
-            self.in_run += take
-            if self.in_run == length:
-                self.run, self.in_run = self.run + 1, 0
-
-    def finish(self) -> bool:
-        super().finish()
-        return self.finite

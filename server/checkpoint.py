@@ -49,8 +49,9 @@ class Checkpointer:
         directory = self.job_dir(job.name)
         directory.mkdir(parents=True, exist_ok=True)
         stem = f"{version:012d}"
-        tensors = {"param": job.state.param, "steps": job.state.steps}
-        tensors.update({f"state.{k}": v for k, v in job.state.fields.items()})
+        state = job.state.host()
+        tensors = {"param": state.param, "steps": state.steps}
+        tensors.update({f"state.{k}": v for k, v in state.fields.items()})
         blob = st_save(tensors)
         manifest = {
             "format": FORMAT,

@@ -22,10 +22,9 @@ from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
 from optserve.proto.spec import WIRE_ITEMSIZE, DropReason, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
-from optserve.server import reply
 from optserve.server.admission import Admission, Contribution
 from optserve.server.barrier import Barrier
-from optserve.server.reply import Result, SnapshotPool
+from optserve.server.reply import Result
 from optserve.server.stepper import Round, Stepper
 
 log = logging.getLogger("optserve.server")
@@ -63,13 +62,11 @@ class Job:
         self.seg_group = np.array([spec.tensors[t].group for t in self.tensors], np.int64)
         self.layout = FlatLayout(shapes, [self.info.state_fields(s, spec.groups[spec.tensors[t].group])
                                           for s, t in zip(shapes, self.tensors)])
-        self.state = FlatState.zeros(self.layout)
-        self.state.param[:] = params
+        self.state = backend.new_state(self.layout, params)   # kernels/state.py
         self.version = 0
         self.cond = threading.Condition()
         self.worker_step: dict[int, int] = {}           # the last step each worker completed
         self.results: dict[int, tuple[int, Result]] = {}   # retry cache: worker -> (step, result)
-        self.snapshots = SnapshotPool()
         self.observer = observer or NoObserver()
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
@@ -160,8 +157,8 @@ class Job:
     def _snapshot(self, dtype: int) -> np.ndarray:
         """Every parameter of the job, back to back as `dtype` bytes, in a pooled buffer."""
         every = np.arange(self.layout.num_tensors)
-        out = self.snapshots.take(self.payload_bytes(every, WIRE_ITEMSIZE[dtype]))
-        reply.encode(self.state.param, self.layout, every, dtype, out)
+        out = self.state.reply_buffer(self.payload_bytes(every, WIRE_ITEMSIZE[dtype]))
+        self.state.encode(every, dtype, out, 0)
         return out
 
     # ---- membership ---------------------------------------------------------------------
@@ -189,14 +186,7 @@ class Job:
     def restore(self, version: int, state: FlatState, worker_steps: dict[int, int]) -> None:
         """Takes a checkpoint's state as the job's own. Call with the lock held (or unshared)."""
         self.stepper.wait_idle()
-        for name, buf in [("param", state.param), *state.fields.items()]:
-            mine = self.state.param if name == "param" else self.state.fields.get(name)
-            if mine is None or mine.shape != buf.shape:
-                raise ValueError(f"checkpoint buffer {name!r} does not fit the job's layout")
-        self.state.param[:] = state.param
-        for name, buf in state.fields.items():
-            self.state.fields[name][:] = buf
-        self.state.steps[:] = state.steps
+        self.state.load(state)
         self.version = version
         self.worker_step = dict(worker_steps)
         self.results.clear()
@@ -240,6 +230,7 @@ class Job:
             self.cond.notify_all()
             self.stepper.wait_idle()
         self.stepper.shutdown()
+        self.state.release()
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:
@@ -253,11 +244,12 @@ class Job:
         with self.cond:
             self.stepper.wait_idle()
             self.check_not_deleted()
+            host = self.state.host()
             header = pb.StateHeader(job=self.name, optimizer=self.spec.optimizer,
                                     version=self.version, tensors=self.tensors,
-                                    steps=[int(s) for s in self.state.steps])
+                                    steps=[int(s) for s in host.steps])
             payload = state_codec.pack(header, (
-                (t, name, self.layout.field_view(self.state, name, k))
+                (t, name, self.layout.field_view(host, name, k))
                 for k, t in enumerate(self.tensors)
                 for name in sorted(self.layout.field_shapes[k])))
             return header, payload
@@ -287,8 +279,7 @@ class Job:
         with self.cond:
             self.stepper.wait_idle()
             self.check_not_deleted()
-            for (t, name), arr in values.items():
-                self.layout.field_view(self.state, name, self.local_of[t])[...] = arr
+            self.state.write({(self.local_of[t], name): arr for (t, name), arr in values.items()})
             for k, s in zip(local, header.steps):
                 self.state.steps[k] = s
             return self.version

@@ -1,23 +1,16 @@
-"""What a shard answers with parameters: one `Result` per step (or pull), whose payload is
-the job's float32 parameters encoded in the wire dtype into a pooled buffer, sent in chunks,
-each as soon as the step has written it.
-
-Writing to fresh memory costs a page fault per 4 KiB page: on this machine class, filling a
-new 400 MB buffer took 214 ms and refilling a used one 36 ms. So reply buffers come from a
-pool (`SnapshotPool`) instead of being allocated every step.
-"""
+"""What a shard answers with parameters: one `Result` per step (or pull), whose payload (the
+job's parameters in the wire dtype, encoded by its state into a pooled buffer) is sent in
+chunks, each as soon as the step has written it."""
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
-from optserve.kernels import FlatLayout, convert
-from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES, DropReason
+from optserve.proto.spec import DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
 
@@ -54,7 +47,7 @@ class Result:
     """What a Step (or PullParameters) answers: parameters (in `dtype`) after it."""
     version: int
     tensors: list[int]            # spec indices, in payload order
-    payload: np.ndarray           # uint8, from the job's SnapshotPool
+    payload: np.ndarray           # uint8, from the job state's pool of reply buffers
     dtype: int = pb.FLOAT32
     dropped: DropReason | None = None   # the gradient was not applied, and why
     last_step: int = 0            # rolled back: the worker's last step the job holds
@@ -79,46 +72,3 @@ class Result:
         start = time.perf_counter()
         yield from self.chunks()
         sent(len(self.payload), time.perf_counter() - start)
-
-
-def encode(param: np.ndarray, layout: FlatLayout, tensors, dtype: int, out: np.ndarray,
-           pos: int = 0) -> int:
-    """Writes the parameters of `tensors` (local indices, ascending) into `out` from byte
-    `pos` on, as `dtype`; returns where they end."""
-    itemsize, fmt = WIRE_ITEMSIZE[dtype], WIRE_NAMES[dtype]
-    for o, n in layout.runs(tensors):
-        convert.encode(param[o:o + n], fmt, out[pos:pos + n * itemsize])
-        pos += n * itemsize
-    return pos
-
-
-class SnapshotPool:
-    """Byte buffers for replies, which any number of readers hold for as long as they need
-    (every worker of a sync round while its reply streams out, and the retry cache until
-    the worker's next step).
-
-    `take(n)` hands out a new view of a pooled buffer. The buffer goes back to the pool
-    when that view is gone: when nothing refers to it or to anything made from it (a
-    memoryview or a slice holds its base), so a buffer is never reused while it is read.
-    """
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep                  # spare buffers kept per size
-        self._spare: dict[int, list[np.ndarray]] = {}
-        self._lock = threading.RLock()    # re-entrant: a finalizer may run inside take()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        with self._lock:
-            spare = self._spare.get(nbytes)
-            base = spare.pop() if spare else None
-        if base is None:
-            base = np.empty(nbytes, np.uint8)
-        view = base[:]
-        weakref.finalize(view, self._give_back, base).atexit = False
-        return view
-
-    def _give_back(self, base: np.ndarray) -> None:
-        with self._lock:
-            spare = self._spare.setdefault(len(base), [])
-            if len(spare) < self.keep:
-                spare.append(base)

@@ -1,7 +1,8 @@
 """Taking a step: the decisions under the job's lock (`Stepper.take`), then the arithmetic
-(`Stepper.run`): the mean of the workers' gradients in rank order, one backend call per
-part of whole tensors, each part's parameters encoded into the reply as soon as it is
-stepped, the report for the metrics, and a checkpoint when one is due.
+(`Stepper.run`): one call of the job's state per part of whole tensors (the mean of the
+workers' gradients in rank order, then the backend's kernels), each part's parameters
+encoded into the reply as soon as it is stepped, the report for the metrics, and a
+checkpoint when one is due.
 
 A step whose reply fits one chunk runs inline on the handler thread (handing it off cost
 more than it saved). A larger one takes its version at once and goes to the job's stepper
@@ -23,7 +24,6 @@ from optserve.kernels import Hyper, StepResult
 from optserve.proto.spec import WIRE_ITEMSIZE, DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import CHUNK_BYTES
-from optserve.server import reply
 from optserve.server.admission import Contribution
 from optserve.server.reply import Progress, Result
 
@@ -81,7 +81,6 @@ class Stepper:
         self.pending = 0
         self.reading: set[int] = set()
         self.idle_waiters = 0     # threads in wait_idle; new steps wait for them (gate)
-        self.mean_grad: np.ndarray | None = None      # sync rounds of several workers
         self._thread: ThreadPoolExecutor | None = None
 
     # ---- waiting (all with job.cond held) -----------------------------------------------
@@ -125,7 +124,7 @@ class Stepper:
         first = rnd.contributions[min(rnd.contributions)]
         version = job.version + 1
         result = Result(version, [job.tensors[k] for k in shown],
-                        job.snapshots.take(job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
+                        job.state.reply_buffer(job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
                         job.param_dtype, DropReason.NONFINITE if skip else None)
         due = not skip and job.checkpoint_every and version % job.checkpoint_every == 0
         steps_after = {**job.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
@@ -197,16 +196,13 @@ class Stepper:
         progress, payload = work.result.progress, work.result.payload
         result, seconds, pos = None, 0.0, 0
         parts = self._parts(work.shown, WIRE_ITEMSIZE[job.param_dtype])
+        senders = {w: c.local for w, c in work.contributions.items()}
         for i, part in enumerate(parts):
             if not work.skip:
-                grad = self._average(work.contributions, part)
-                mask = np.zeros(job.layout.num_tensors, bool)
-                mask[part] = True
                 start = time.perf_counter()
                 job.state.steps[part] += 1
                 try:
-                    out = job.backend.step(job.spec.optimizer, job.layout, job.state, grad,
-                                           mask, work.hyper, sums=work.sums)
+                    out = job.state.step(job.spec.optimizer, senders, part, work.hyper, work.sums)
                 except BaseException:
                     job.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
                     raise
@@ -214,8 +210,10 @@ class Stepper:
                 if result is None:
                     result = out
                 else:
+                    mask = np.zeros(job.layout.num_tensors, bool)
+                    mask[part] = True
                     result.take(out, mask)
-            pos = reply.encode(job.state.param, job.layout, part, job.param_dtype, payload, pos)
+            pos = job.state.encode(part, job.param_dtype, payload, pos)
             if progress is not None and i < len(parts) - 1:   # the last waits for `run`
                 progress.advance(pos)
         return result, seconds
@@ -229,32 +227,6 @@ class Stepper:
         target = max(CHUNK_BYTES, int(nbytes.sum()) // MAX_PARTS)
         part = (np.cumsum(nbytes) - nbytes) // target   # where each tensor starts
         return np.split(local, np.flatnonzero(np.diff(part)) + 1)
-
-    def _average(self, contributions: dict[int, Contribution], part: np.ndarray) -> np.ndarray:
-        """The gradient of the `part` tensors: one worker's own buffer, or the mean over the
-        workers that sent each tensor, summed in rank order. Averaging part by part keeps
-        each part's gradients in the cache for the kernel that follows."""
-        layout = self.job.layout
-        ranks = sorted(contributions)
-        if len(ranks) == 1:
-            return contributions[ranks[0]].grad
-        if self.mean_grad is None:
-            self.mean_grad = np.empty(layout.numel, np.float32)
-        sent = np.zeros((len(ranks), layout.num_tensors), bool)
-        for i, w in enumerate(ranks):
-            sent[i, contributions[w].local] = True
-        if sent[:, part].all():   # the usual case: every worker sent every tensor
-            spans = [(o, n, ranks) for o, n in layout.runs(part)]
-        else:
-            spans = [(int(layout.offsets[k]), int(layout.sizes[k]),
-                      [w for i, w in enumerate(ranks) if sent[i, k]]) for k in part]
-        for o, n, senders in spans:
-            mean = self.mean_grad[o:o + n]
-            np.copyto(mean, contributions[senders[0]].grad[o:o + n])
-            for w in senders[1:]:
-                mean += contributions[w].grad[o:o + n]
-            mean /= np.float32(len(senders))
-        return self.mean_grad
 
     def _checkpoint(self, work: StepWork) -> None:
         """Writes the checkpoint due at this step, if one is. A failed write is logged, not

@@ -272,7 +272,7 @@ def test_bfloat16_parameters_on_the_wire(shard):
         o.step()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q.to(torch.bfloat16).float(), rtol=0, atol=0)
-    master = torch.from_numpy(shard.store.job("wire-out").state.param.copy())
+    master = torch.from_numpy(shard.store.job("wire-out").state.host().param.copy())
     flat = torch.cat([q.detach().reshape(-1) for q in ref_model.parameters()])
     torch.testing.assert_close(master, flat, rtol=1e-5, atol=1e-6)
     opt.close()

@@ -49,10 +49,11 @@ class Target:
         self.groups = [self.opt._group_proto(g, i) for i, g in enumerate(self.opt.param_groups)]
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(self.job.state.param.tobytes())
-        for name in sorted(self.job.state.fields):
-            h.update(self.job.state.fields[name].tobytes())
-        h.update(self.job.state.steps.tobytes())
+        state = self.job.state.host()
+        h = hashlib.sha256(state.param.tobytes())
+        for name in sorted(state.fields):
+            h.update(state.fields[name].tobytes())
+        h.update(state.steps.tobytes())
         h.update(str(self.job.version).encode())
         return h.hexdigest()
 

@@ -1,4 +1,4 @@
-"""Payload handling on both ends: the shard (server/admission.py) decodes gradient chunks into
+"""Payload handling on both ends: the shard (kernels/state.py) decodes gradient chunks into
 place as they arrive, however the chunks cut the elements, and reuses reply buffers only
 once nothing reads them; the worker (client/payloads.py) writes reply chunks into its
 parameters as they arrive."""
@@ -16,8 +16,7 @@ from optserve.kernels.convert import decode_reference
 from optserve.proto.spec import DTYPE_NAMES
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
-from optserve.server.admission import Decoder
-from optserve.server.reply import SnapshotPool
+from optserve.kernels.state import BufferPool, Decoder
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -72,7 +71,7 @@ def test_a_short_payload_is_refused():
 
 
 def test_a_snapshot_buffer_is_reused_only_when_nothing_reads_it():
-    pool = SnapshotPool()
+    pool = BufferPool()
     first = pool.take(1000)
     a = first.base
     reader = list(chunked(first, 300))   # views, as a reply being streamed out holds them
