@@ -107,7 +107,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if len({id(p) for p in self._params}) != len(self._params):
             raise ValueError("a parameter is listed twice; torch would step it twice, a job "
                              "holds it once")
-        self._initial_lrs = [g.get("initial_lr", g["lr"]) or 0.0 for g in self.param_groups]
+        self._initial_lrs = [info.initial_lr(g, self.defaults) for g in self.param_groups]
         groups = [self._group_proto(g, gi) for gi, g in enumerate(self.param_groups)]
         self.spec = options.spec(info.name, groups, self._tensors())
         self._shard_tensors = placement(self.spec)
@@ -315,10 +315,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for t in tensors:
             p, spec = self._params[t], self.spec.tensors[t]
             st = self.state.get(p, {})
-            header.steps.append(int(st.get("step", 0)))
             fields = self.info.state_fields(tuple(spec.shape), self.spec.groups[spec.group])
+            held = "step" in st or any(name in st for name in fields)
+            # lion_pytorch keeps no step count (Lion needs none): a tensor with state has stepped
+            header.steps.append(int(st.get("step", 1 if held else 0)))
             for name, shape in sorted(fields.items()):
-                value = st.get(name) if "step" in st else None
+                value = st.get(name) if held else None
                 if value is None:
                     value = torch.zeros(shape)
                 if tuple(value.shape) != tuple(shape):

@@ -4,7 +4,7 @@
 #   docker run -e OPTSERVE_DEVICE=cpu -p 50051:50051 -p 9464:9464 optserve-shard
 # Jobs are checkpointed to /var/lib/optserve/checkpoints (mount a volume there) and restored
 # from it when the shard starts again.
-# The CUDA *runtime* image (no compiler): CuPy compiles its fused kernels with NVRTC, which the
+# The CUDA *runtime* image (no compiler): optserve compiles its kernels with NVRTC, which the
 # runtime image ships. The wheel of cupy-cuda12x works with any CUDA 12.x runtime.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu22.04
 
@@ -42,7 +42,7 @@ USER optserve
 WORKDIR /var/lib/optserve
 
 # Numba compiles the CPU kernels on first use and caches them here (site-packages is not
-# writable by this user); CuPy caches its kernels under $HOME/.cupy.
+# writable by this user); the CUDA kernels are cached under $HOME/.cache/optserve/kernels.
 ENV NUMBA_CACHE_DIR=/var/lib/optserve/.cache/numba
 # auto: cuda when a GPU is visible (docker run --gpus / deploy/compose.gpu.yml), else cpu.
 ENV OPTSERVE_DEVICE=auto

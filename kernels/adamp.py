@@ -25,6 +25,7 @@ from optserve.kernels.adam import (A_B1, A_B2, A_C1, A_C2, A_DECAY, A_EPS, A_NES
                                    A_STEP, cpu_direction, cpu_moments)
 from optserve.kernels.backend import CudaKernels, Kernel, Report, StepCall, View
 from optserve.kernels.cpu_tiles import NC, NB, NR, RS, TENSOR
+from optserve.kernels.cuda_runtime import constant
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.numba_ops import (F32, add_step_sums, field, kernel, reduce_,
                                         reduce_step_terms, reduce_sum, run, span, spans,
@@ -93,7 +94,8 @@ def _reference(param, grad, state, step, h: Hyper) -> dict:
 # ones; then the step of projected ones
 # ---------------------------------------------------------------------------------------
 
-NOT_PROJECTED, CHANNEL, LAYER = 0, 1, 2
+# Projection modes, as kernels/csrc/adamp.cu numbers them (its decisions come back in them).
+NOT_PROJECTED, CHANNEL, LAYER = (constant(k) for k in ("NOT_PROJECTED", "CHANNEL", "LAYER"))
 
 
 @reduce_

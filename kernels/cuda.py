@@ -49,15 +49,20 @@ BLOCK, WARPS, TR, TC = (constant(k) for k in ("BLOCK", "WARPS", "TR", "TC"))
 GK_F32, GK_BF16, GK_F16 = (constant(k) for k in ("GK_F32", "GK_BF16", "GK_F16"))
 
 
+# The kernels of a job's state on the device (kernels/cuda_state.py), besides the optimizers'.
+STATE_KERNELS = ("tile_totals", "count_nonfinite", "grad_mean", "encode_wire")
+
+
 @functools.cache
 def source() -> str:
-    """The translation unit of every registered optimizer's kernels."""
-    return assemble(k.cuda.source for k in registry.KERNELS.values())
+    """The translation unit of every registered optimizer's kernels and the state's."""
+    return assemble(["state.cu", *(k.cuda.source for k in registry.KERNELS.values())])
 
 
 def kernel_names() -> tuple[str, ...]:
-    """Every __global__ function of source(): segment_sums and the optimizers' own."""
-    names = ("segment_sums",) + tuple(n for k in registry.KERNELS.values() for n in k.cuda.kernels)
+    """Every __global__ function of source()."""
+    names = ("segment_sums", *STATE_KERNELS,
+             *(n for k in registry.KERNELS.values() for n in k.cuda.kernels))
     return tuple(dict.fromkeys(names))
 
 
@@ -181,7 +186,7 @@ def plan(layout: FlatLayout, view: View) -> Plan:
     return layout.memo(("cuda", view), lambda: _build_plan(layout, view))
 
 
-def _on_device(rt, plan: Plan) -> dict:
+def on_device(rt, plan: Plan) -> dict:
     """The plan's tables on the device, and its scratch buffers (allocated once)."""
     if plan.dev.get("rt") is not rt:
         nonempty = lambda a: a if a.size else np.zeros(1, np.int64)   # noqa: E731
@@ -276,10 +281,6 @@ def _grad_kind(grad) -> int:
     raise TypeError(f"gradients must be float32, float16 or bfloat16 (uint16 bits), not {dt}")
 
 
-# The default runtime has one stream; steps of different jobs take turns.
-_lock = threading.Lock()
-
-
 def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: Any, active: np.ndarray,
          hyper: Hyper, *, sums: bool = True) -> StepResult:
     """One step of every active tensor, in place (the contract in kernels/backend.py).
@@ -296,22 +297,21 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: Any, active
     up = (lambda a: rt.upload(np.ascontiguousarray(a))) if host else (lambda a: a)
     if grad.dtype.name == "bfloat16":   # ml_dtypes' bfloat16: hand the kernels the bits
         grad = grad.view(np.uint16)
-    with _lock:
-        the_plan = plan(layout, call.kernel.view)
-        cs = CudaStep(rt, the_plan, _on_device(rt, the_plan), up(state.param),
-                      {k: up(v) for k, v in state.fields.items()},
-                      grad if rt.is_device_array(grad) else rt.upload(np.ascontiguousarray(grad)),
-                      gkind, int(sums))
-        with np.errstate(all="ignore"):   # coefficients of inactive tensors are never read
-            call.kernel.cuda.run(call, cs)
-        if sums:
-            cs.launch("segment_sums", cs.n_tensors, cs.tinfo, cs.tile_sums, cs.dev["sums"])
-            got = cs.download(cs.dev["sums"], "StepSums")
-            call.result.sums = StepSums(*(np.where(call.active, got[k], 0.0)
-                                          for k in ("w2", "wdw", "dw2", "g2")))
-        if host:
-            rt.copy_into(state.param, cs.param)
-            for k, v in state.fields.items():
-                rt.copy_into(v, cs.fields[k])
+    the_plan = plan(layout, call.kernel.view)
+    cs = CudaStep(rt, the_plan, on_device(rt, the_plan), up(state.param),
+                  {k: up(v) for k, v in state.fields.items()},
+                  grad if rt.is_device_array(grad) else rt.upload(np.ascontiguousarray(grad)),
+                  gkind, int(sums))
+    with np.errstate(all="ignore"):   # coefficients of inactive tensors are never read
+        call.kernel.cuda.run(call, cs)
+    if sums:
+        cs.launch("segment_sums", cs.n_tensors, cs.tinfo, cs.tile_sums, cs.dev["sums"])
+        got = cs.download(cs.dev["sums"], "StepSums")
+        call.result.sums = StepSums(*(np.where(call.active, got[k], 0.0)
+                                      for k in ("w2", "wdw", "dw2", "g2")))
+    if host:
+        rt.copy_into(state.param, cs.param)
+        for k, v in state.fields.items():
+            rt.copy_into(v, cs.fields[k])
     return call.result
 

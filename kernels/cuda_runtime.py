@@ -5,14 +5,16 @@ and one `.cu` file per optimizer. `assemble` joins the files an optimizer set ne
 one translation unit (each header once, `#line` markers so that compiler messages name
 the real file and line).
 
-One compiler configuration. `compile_ptx` is the only way the kernels are compiled: NVRTC
-with OPTIONS and nothing else, to PTX for the device's architecture, which the driver
-loads. CuPy's own compile path (RawModule) appends `-ftz=true`, which would flush float32
-subnormals to zero; here denormals are kept on purpose, so that the kernels round as the
-NumPy reference does everywhere (the kernels are memory-bound: FTZ buys nothing), and the
-PTX that tests/test_cuda.py inspects is the PTX that runs. Compiled PTX is cached on disk
-(`kernel_cache`), keyed by the source, the options, the architecture and NVRTC's version,
-so an edited header is never served from a stale cache.
+One compiler configuration. `compile_kernels` is the only way the kernels are compiled:
+NVRTC with OPTIONS and nothing else, to a cubin for the device's architecture (a cubin, not
+PTX for the driver to compile, loads on a driver older than NVRTC within one CUDA major),
+or to PTX for inspection. CuPy's own compile path (RawModule) appends `-ftz=true`, which
+would flush float32 subnormals to zero; here denormals are kept on purpose, so that the
+kernels round as the NumPy reference does everywhere (the kernels are memory-bound: FTZ buys
+nothing), and tests/test_cuda.py inspects the PTX of exactly these options. Compiled
+kernels are cached on disk (`kernel_cache`), keyed by the source, the options, the target
+and NVRTC's version, so an edited header is never served from a stale cache; the source is
+kept beside them.
 
 The host reads its layouts from the same files: `constant("TC")` is an integer #define,
 `struct_dtype("AdamCoef")` the NumPy dtype of a struct of double or i64 fields. A table
@@ -52,14 +54,17 @@ def kernel_cache() -> pathlib.Path:
                         or pathlib.Path.home() / ".cache" / "optserve" / "kernels")
 
 
-def compile_ptx(source: str, arch: int, cache: pathlib.Path | None = None) -> bytes:
-    """PTX of `source` for compute capability `arch` (90 for sm_90), by NVRTC with OPTIONS.
-    Needs no GPU: only NVRTC (cupy-cuda13x's `cupy_backends`, with the nvidia-cuda-nvrtc
-    library)."""
+def compile_kernels(source: str, arch: int, kind: str = "cubin",
+                    cache: pathlib.Path | None = None) -> bytes:
+    """`source` compiled by NVRTC with OPTIONS for compute capability `arch` (90 for sm_90):
+    a cubin to load, or ("ptx") the PTX of the same options. Needs no GPU, only NVRTC
+    (cupy-cuda13x's `cupy_backends`, with the nvidia-cuda-nvrtc library)."""
     from cupy_backends.cuda.libs import nvrtc
-    options = (f"--gpu-architecture=compute_{arch}", *OPTIONS)
-    key = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()
-    path = (cache or kernel_cache()) / f"{key[:32]}.ptx"
+    target = f"--gpu-architecture={'sm' if kind == 'cubin' else 'compute'}_{arch}"
+    options = (target, *OPTIONS)
+    key = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()[:32]
+    directory = cache or kernel_cache()
+    path = directory / f"{key}.{kind}"
     if path.exists():
         return path.read_bytes()
     prog = nvrtc.createProgram(source, "optserve.cu", [], [])
@@ -68,18 +73,25 @@ def compile_ptx(source: str, arch: int, cache: pathlib.Path | None = None) -> by
             nvrtc.compileProgram(prog, list(options))
         except nvrtc.NVRTCError as e:
             raise CompileError(f"NVRTC failed ({e}):\n{nvrtc.getProgramLog(prog)}") from None
-        ptx = nvrtc.getPTX(prog)
+        binary = nvrtc.getCUBIN(prog) if kind == "cubin" else nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
-    try:   # written whole or not at all: another shard may compile the same kernels
+    _write(directory / f"{key}.cu", source.encode())
+    _write(path, binary)
+    return binary
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+    """Writes whole or not at all (another shard may compile the same kernels); a cache that
+    cannot be written only costs a compile per start."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ptx-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
-            f.write(ptx)
+            f.write(data)
         os.replace(tmp, path)
     except OSError:
-        pass   # a read-only cache only costs a compile per start
-    return ptx
+        pass
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
@@ -101,8 +113,8 @@ def assemble(files: Iterable[str]) -> str:
             if include:
                 add(include.group(1))
                 out.append(f'#line {number + 1} "{name}"')
-            elif line.strip() != "#pragma once":
-                out.append(line)
+            else:   # a dropped line stays a line, so that line numbers stay right
+                out.append("" if line.strip() == "#pragma once" else line)
 
     for name in files:
         add(name)
@@ -121,16 +133,19 @@ def _declarations() -> tuple[dict[str, int], dict[str, np.dtype]]:
     for path in sorted(CSRC.glob("*.cu*")):
         text = _strip_comments(path.read_text())
         for name, value in re.findall(r"^\s*#define\s+(\w+)\s+(-?\d+)\s*$", text, flags=re.M):
-            defines[name] = int(value)
+            if defines.setdefault(name, int(value)) != int(value):
+                raise ValueError(f"#define {name} has two values in kernels/csrc")
         for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{([^{}]*)\}\s*;", text):
             fields = []
             for decl in filter(None, (d.strip() for d in body.split(";"))):
                 ctype, names = decl.split(None, 1)
-                if ctype not in ("double", "i64"):
-                    break
+                if ctype not in ("double", "i64") or "[" in names:
+                    break   # a struct the host does not fill: not read
                 fields += [(n.strip(), "<f8" if ctype == "double" else "<i8")
                            for n in names.split(",")]
             else:
+                if name in structs and structs[name] != np.dtype(fields):
+                    raise ValueError(f"struct {name} is declared twice in kernels/csrc")
                 structs[name] = np.dtype(fields)
     return defines, structs
 
@@ -162,25 +177,59 @@ class CupyRuntime:
         device = cupy.cuda.Device()
         self.device_name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
         self.module = cupy.cuda.function.Module()
-        self.module.load(compile_ptx(source, int(device.compute_capability)))
+        self.module.load(compile_kernels(source, int(device.compute_capability)))
         self._kernels: dict[str, object] = {}
+        self.copied = {"h2d": 0, "d2h": 0}   # bytes over PCIe, by direction
 
+    # ---- arrays; copies on the current stream, complete when they return --------------------
     def is_device_array(self, x) -> bool:
         return isinstance(x, self.cp.ndarray)
 
     def upload(self, x: np.ndarray):
+        self.copied["h2d"] += x.nbytes
         return self.cp.asarray(x)
 
     def download(self, x) -> np.ndarray:
+        self.copied["d2h"] += x.nbytes
         return self.cp.asnumpy(x)
 
     def copy_into(self, host: np.ndarray, dev) -> None:
+        self.copied["d2h"] += host.nbytes
         dev.get(out=host)
 
     def empty(self, n: int, dtype):
         return self.cp.empty(max(int(n), 1), dtype)
 
+    # ---- streams, events, page-locked memory and copies queued on a stream ------------------
+    def stream(self):
+        """A stream that does not wait for the legacy default stream."""
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def event(self):
+        return self.cp.cuda.Event(block=False, disable_timing=True)
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """`nbytes` of page-locked host memory as a uint8 array, which keeps it alive; it goes
+        back to CuPy's pool with the last array made from it."""
+        memory = self.cp.cuda.alloc_pinned_memory(max(nbytes, 1))
+        return np.ndarray(nbytes, np.uint8, buffer=memory)
+
+    def h2d(self, dst, dst_byte: int, src: np.ndarray, stream) -> None:
+        """Queues on `stream` a copy of host `src` (page-locked for the copy to be
+        asynchronous) into device array `dst` from its byte `dst_byte` on."""
+        self.copied["h2d"] += src.nbytes
+        self.cp.cuda.runtime.memcpyAsync(dst.data.ptr + dst_byte, src.ctypes.data, src.nbytes,
+                                         self.cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+
+    def d2h(self, dst: np.ndarray, src, src_byte: int, stream) -> None:
+        """Queues on `stream` a copy into host `dst` of device array `src` from its byte
+        `src_byte` on."""
+        self.copied["d2h"] += dst.nbytes
+        self.cp.cuda.runtime.memcpyAsync(dst.ctypes.data, src.data.ptr + src_byte, dst.nbytes,
+                                         self.cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+
     def launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
+        """Launches `kernel` on the current stream."""
         if grid <= 0:
             return
         fn = self._kernels.get(kernel)
@@ -189,3 +238,21 @@ class CupyRuntime:
         # Every scalar argument of the kernels is an i64 (`long long`).
         fn((int(grid),), (int(block),), tuple(np.int64(a) if isinstance(a, (int, np.integer))
                                               else a for a in args))
+
+    # ---- memory -------------------------------------------------------------------------------
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes of the device."""
+        return self.cp.cuda.runtime.memGetInfo()
+
+    def limit(self, nbytes: int) -> None:
+        """Caps CuPy's device memory pool: an allocation beyond raises OutOfMemoryError."""
+        self.cp.get_default_memory_pool().set_limit(size=nbytes)
+
+    def held(self) -> int:
+        """Device bytes in arrays now."""
+        return self.cp.get_default_memory_pool().used_bytes()
+
+    def release_cached(self) -> None:
+        """Gives the pools' unused blocks (device and page-locked) back to the driver."""
+        self.cp.get_default_memory_pool().free_all_blocks()
+        self.cp.get_default_pinned_memory_pool().free_all_blocks()

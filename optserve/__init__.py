@@ -1,7 +1,7 @@
 """optserve: optimizer-as-a-service.
 
 A gRPC parameter server whose shards hold parameter and optimizer-state shards and apply
-fused AdamW, Adafactor and AdamP steps to gradients streamed by PyTorch workers.
+fused AdamW, Adam, AdamP, Adafactor and Lion steps to gradients streamed by PyTorch workers.
 
 Subpackages: `optserve.proto` (the API), `optserve.server` (the shard),
 `optserve.client` (the torch worker library), `optserve.kernels` (the optimizer math).

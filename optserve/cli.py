@@ -88,6 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from optserve.proto.optimizers import REGISTRY
     parser = argparse.ArgumentParser(prog="optserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=150)
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
                       help="comma-separated list of optimizers to run, one after another "
-                           "(adamw, adam, adamp, adafactor, lion)")
+                           f"(any of {', '.join(REGISTRY)})")
     demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"])
     demo.set_defaults(func=_demo)
 

@@ -158,6 +158,16 @@ def _validate_adafactor(h):
         _check(0 <= h.adafactor_beta1 < 1, f"beta1 must be in [0, 1), got {h.adafactor_beta1}")
 
 
+def _group_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> float:
+    """lr₀ of a group: the `initial_lr` a scheduler recorded, else its lr."""
+    return group.get("initial_lr", group["lr"]) or 0.0
+
+
+def _lion_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> float:
+    """lion-pytorch's decoupled decay divides λ by the optimizer's own lr, for every group."""
+    return defaults["lr"] if group.get("decoupled_weight_decay") else _group_initial_lr(group, defaults)
+
+
 @dataclass(frozen=True)
 class OptimizerInfo:
     """What one optimizer accepts and keeps.
@@ -172,6 +182,8 @@ class OptimizerInfo:
     state_fields: Callable[[Shape, pb.Hyperparameters], dict[str, Shape]]
     # The per-tensor "step" in a state dict: torch keeps a float32 tensor, the others an int.
     step_is_tensor: bool
+    # lr₀ of a group (weight_decay_mode="schedule"), from the group and the optimizer's defaults.
+    initial_lr: Callable[[Mapping[str, Any], Mapping[str, Any]], float] = _group_initial_lr
 
 
 REGISTRY: dict[str, OptimizerInfo] = {
@@ -199,7 +211,7 @@ REGISTRY: dict[str, OptimizerInfo] = {
         "lion",
         dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, weight_decay_mode="lr",
              decoupled_weight_decay=False, maximize=False),
-        _lion_to_proto, _validate_lion, _momentum_state, False),
+        _lion_to_proto, _validate_lion, _momentum_state, False, _lion_initial_lr),
 }
 
 

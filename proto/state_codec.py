@@ -31,10 +31,12 @@ def pack(header: pb.StateHeader, entries: Iterable[tuple[int, str, np.ndarray]])
     return b"".join(parts)
 
 
-def check_layout(header: pb.StateHeader, expected: Mapping[Key, tuple[int, ...]], what: str) -> None:
+def check_layout(header: pb.StateHeader, expected: Mapping[Key, tuple[int, ...]], what: str,
+                 names: Mapping[int, str] | None = None) -> None:
     """Refuses (InvalidArgument) a header whose entries are not exactly `expected`, each of
     its shape, contiguous from byte 0, with total_bytes their sum: checked before a single
-    payload byte is received or allocated."""
+    payload byte is received or allocated. `names` name the tensors in messages."""
+    name = (lambda t: repr(names[t])) if names else str
     got = {(e.tensor, e.field): e for e in header.entries}
     if set(got) != set(expected) or len(got) != len(header.entries):
         raise InvalidArgument(f"{what}: state entries {sorted(got)} do not match the expected "
@@ -43,11 +45,11 @@ def check_layout(header: pb.StateHeader, expected: Mapping[Key, tuple[int, ...]]
     for e in sorted(header.entries, key=lambda e: e.offset):
         shape = tuple(expected[(e.tensor, e.field)])
         if tuple(e.shape) != shape:
-            raise InvalidArgument(f"{what}: state {e.field!r} of tensor {e.tensor} has shape "
-                                  f"{tuple(e.shape)}, expected {shape}")
+            raise InvalidArgument(f"{what}: state {e.field!r} of tensor {name(e.tensor)} has "
+                                  f"shape {tuple(e.shape)}, expected {shape}")
         if e.offset != total:
             raise InvalidArgument(f"{what}: state entries must be contiguous: {e.field!r} of "
-                                  f"tensor {e.tensor} at byte {e.offset}, expected {total}")
+                                  f"tensor {name(e.tensor)} at byte {e.offset}, expected {total}")
         total += 4 * math.prod(shape)
     if header.total_bytes != total:
         raise InvalidArgument(f"{what}: state payload declared as {header.total_bytes} bytes, "

@@ -30,7 +30,8 @@ class ShardServer:
     """One shard. `start()` binds and serves; `stop(grace)` reports NOT_SERVING, lets
     in-flight calls finish for up to `grace` seconds, then closes."""
 
-    def __init__(self, config: ShardConfig = ShardConfig()):
+    def __init__(self, config: ShardConfig | None = None):
+        config = config or ShardConfig(port=0)   # embedded: any free port
         self.config = config
         self.backend = get_backend(config.device)
         self.metrics = ShardMetrics()

@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from optserve.proto.errors import DeadlineExceeded
 from optserve.server.admission import Contribution
 from optserve.server.reply import Result
-from optserve.server.stepper import Round
 
 if TYPE_CHECKING:
     from optserve.server.job import Job
 
 log = logging.getLogger("optserve.server")
+
+
+@dataclass
+class Round:
+    """The gradients of one step: one worker's (async), or a sync step's quorum."""
+    step: int
+    contributions: dict[int, Contribution] = field(default_factory=dict)
+    result: Result | None = None
 
 
 class Barrier:
@@ -26,6 +34,15 @@ class Barrier:
         self.job = job
         self.members = set(range(job.spec.num_workers))
         self.round: Round | None = None
+
+    def settled(self, rnd: Round) -> None:
+        """`rnd` was stepped: the next sync step gathers a new round."""
+        if self.round is rnd:
+            self.round = None
+
+    def reset(self) -> None:
+        """Forgets the round being gathered (the job restored a checkpoint)."""
+        self.round = None
 
     def quorum(self) -> int:
         return max(1, len(self.members) - self.job.spec.backup_workers)

@@ -1,4 +1,4 @@
-"""One job's state on one shard, and the path of its Step.
+"""One job on one shard, and the path of its Step.
 
 A Step goes: the admission checks and the gradient received (server/admission.py) -> in
 sync mode, the barrier until the quorum has sent this step (server/barrier.py) -> the step
@@ -7,6 +7,9 @@ worker answered with the same snapshot of the updated parameters (server/reply.p
 Nothing touches the state before the whole request has been validated, so a refused request
 changes nothing. Everything else a job does is here: its lifecycle (restore, checkpoint,
 roll back, delete), its membership, and the reads and writes of its state.
+
+The admission, the barrier and the stepper are parts of one job: they share its lock
+(`cond`), and each keeps its own fields, which the others read under that lock.
 """
 from __future__ import annotations
 
@@ -23,25 +26,12 @@ from optserve.proto.spec import WIRE_ITEMSIZE, DropReason, shard_tensors, spec_k
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
 from optserve.server.admission import Admission, Contribution
-from optserve.server.barrier import Barrier
+from optserve.server.barrier import Barrier, Round
+from optserve.server.observer import NoObserver
 from optserve.server.reply import Result
-from optserve.server.stepper import Round, Stepper
+from optserve.server.stepper import Stepper
 
 log = logging.getLogger("optserve.server")
-
-
-class NoObserver:
-    """Observes nothing: a job without metrics."""
-
-    def registered(self, job): pass
-    def received(self, job, nbytes, seconds): pass
-    def waited(self, job, seconds): pass
-    def sent(self, job, nbytes, seconds): pass
-    def skipped(self, job, reason): pass
-    def members_changed(self, job): pass
-    def deleted(self, job): pass
-    def stepped(self, job, report): pass
-    def wants_sums(self, job): return False
 
 
 class Job:
@@ -123,8 +113,7 @@ class Job:
         for w, c in rnd.contributions.items():
             self.results[w] = (c.step, result)
             self.worker_step[w] = c.step
-        if self.barrier.round is rnd:
-            self.barrier.round = None
+        self.barrier.settled(rnd)
         self.cond.notify_all()
 
     def _rolled_back(self, worker: int, version: int) -> Result | None:
@@ -190,7 +179,7 @@ class Job:
         self.version = version
         self.worker_step = dict(worker_steps)
         self.results.clear()
-        self.barrier.round = None
+        self.barrier.reset()
         self.cond.notify_all()
 
     def checkpoint(self) -> int:
@@ -265,7 +254,8 @@ class Job:
         expected = {(self.tensors[k], name): shape
                     for k in local for name, shape in self.layout.field_shapes[k].items()}
         what = f"job {self.name!r}"
-        state_codec.check_layout(header, expected, what)   # before anything is allocated
+        state_codec.check_layout(header, expected, what,   # before anything is allocated
+                                 {t: self.spec.tensors[t].name for t, _ in expected})
         raw = Assembler(header.total_bytes, f"{what} optimizer state")
         for chunk in chunks:
             raw.add(chunk)

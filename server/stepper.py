@@ -15,16 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from optserve.kernels import Hyper, StepResult
 from optserve.proto.spec import WIRE_ITEMSIZE, DropReason
-from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import CHUNK_BYTES
 from optserve.server.admission import Contribution
+from optserve.server.barrier import Round
+from optserve.server.observer import StepReport
 from optserve.server.reply import Progress, Result
 
 if TYPE_CHECKING:
@@ -35,27 +36,6 @@ log = logging.getLogger("optserve.server")
 # A step on the stepper thread runs in parts of at least one reply chunk, and at most this
 # many: each part is one backend call.
 MAX_PARTS = 16
-
-
-@dataclass
-class Round:
-    """The gradients of one step: one worker's (async), or a sync step's quorum."""
-    step: int
-    contributions: dict[int, Contribution] = field(default_factory=dict)
-    result: Result | None = None
-
-
-@dataclass
-class StepReport:
-    """What one finished step measured, for the job's observer (the metrics recorder)."""
-    compute_seconds: float
-    active: np.ndarray            # bool per local tensor
-    result: StepResult            # the backend's per-tensor reports and sums
-    groups: list[pb.Hyperparameters]
-    workers: int
-    staleness: int
-    version: int                  # the version the step produced
-    lr_divisor: int               # the groups' lr was applied divided by this (staleness_lr)
 
 
 @dataclass

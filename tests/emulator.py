@@ -120,8 +120,9 @@ def build(cxx: str, directory: pathlib.Path, source: str | None = None) -> Emula
     glue, arity = wrappers(source)
     assert set(arity) == set(cuda.kernel_names()), set(arity) ^ set(cuda.kernel_names())
     src = directory / "emu.cpp"
-    src.write_text("\n".join([(HERE / "shim.h").read_text(), source,
-                              (HERE / "runner.cpp").read_text(), glue]))
+    src.write_text("\n".join(['#line 1 "shim.h"', (HERE / "shim.h").read_text(), source,
+                              '#line 1 "runner.cpp"', (HERE / "runner.cpp").read_text(),
+                              '#line 1 "wrappers"', glue]))
     lib = directory / "emu.so"
     # -ffp-contract=off: no FMA, as --fmad=false on the device; no -ffast-math.
     proc = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off",

@@ -2,9 +2,10 @@
 
 The kernels' parity with the reference runs in tests/test_kernels.py, on the host emulation
 (tests/emulator.py) and on a real GPU where there is one. Here:
-1. Compile checks, no GPU needed: the PTX that a GPU shard loads, compiled by the same
-   function (NVRTC, from the `nvidia-cuda-nvrtc` wheel) for compute_90, and every .cu file on
-   its own through nvcc to a cubin where nvcc is installed (checking that no kernel spills).
+1. Compile checks, no GPU needed: the cubin a GPU shard loads and the PTX of the same
+   options, by the same function (NVRTC, from the `nvidia-cuda-nvrtc` wheel) for sm_90, and
+   every .cu file on its own through nvcc where nvcc is installed (checking that no kernel
+   spills).
 2. What the host reads from the sources (constants, struct layouts) and the exactness of
    the 16-bit loads, on the emulation.
 """
@@ -40,10 +41,13 @@ def _nvrtc():
                      "pip install -e '.[nvrtc-check]'")
 
 
-def test_the_ptx_that_runs_has_every_kernel_no_fma_and_no_ftz(tmp_path):
-    """compile_ptx is what CupyRuntime loads: the checks below are on the code that runs."""
+def test_the_kernels_compile_with_every_kernel_no_fma_and_no_ftz(tmp_path):
+    """compile_kernels makes the cubin CupyRuntime loads; its PTX, of the same options, has
+    every kernel and neither FMA contraction nor flushing of subnormals."""
     _nvrtc()
-    ptx = cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path).decode()
+    cubin = cuda_runtime.compile_kernels(cuda.source(), 90, cache=tmp_path)
+    assert cubin[:4] == b"\x7fELF"
+    ptx = cuda_runtime.compile_kernels(cuda.source(), 90, "ptx", cache=tmp_path).decode()
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
     assert entries == set(cuda.kernel_names()), entries ^ set(cuda.kernel_names())
     # --fmad=false: no multiply-add contraction (the reference rounds each operation);
@@ -55,12 +59,13 @@ def test_the_ptx_that_runs_has_every_kernel_no_fma_and_no_ftz(tmp_path):
 
 def test_compiled_kernels_are_cached_by_their_source(tmp_path):
     _nvrtc()
-    first = cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path)
+    first = cuda_runtime.compile_kernels(cuda.source(), 90, "ptx", cache=tmp_path)
     assert len(list(tmp_path.glob("*.ptx"))) == 1
-    assert cuda_runtime.compile_ptx(cuda.source(), 90, cache=tmp_path) == first
+    assert cuda_runtime.compile_kernels(cuda.source(), 90, "ptx", cache=tmp_path) == first
     edited = cuda.source().replace("#define TC 128", "#define TC 128   // edited")
-    cuda_runtime.compile_ptx(edited, 90, cache=tmp_path)
+    cuda_runtime.compile_kernels(edited, 90, "ptx", cache=tmp_path)
     assert len(list(tmp_path.glob("*.ptx"))) == 2
+    assert sorted(p.read_text() for p in tmp_path.glob("*.cu")) == sorted([cuda.source(), edited])
 
 
 def test_nvrtc_reports_a_broken_kernel_at_its_file_and_line(tmp_path):
@@ -72,7 +77,7 @@ def test_nvrtc_reports_a_broken_kernel_at_its_file_and_line(tmp_path):
     line = next(i for i, text in enumerate((CSRC / "adam.cu").read_text().splitlines(), 1)
                 if "adam_moments(gj" in text)
     with pytest.raises(cuda_runtime.CompileError, match=rf'adam\.cu\({line}\).*undefined_name'):
-        cuda_runtime.compile_ptx(broken, 90, cache=tmp_path)
+        cuda_runtime.compile_kernels(broken, 90, "ptx", cache=tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted({k.cuda.source for k in KERNELS.values()}))
@@ -97,6 +102,17 @@ def test_nvcc_compiles_each_source_file_without_spills(name, tmp_path):
 # ---------------------------------------------------------------------------------------
 # 2. Host and device agree
 # ---------------------------------------------------------------------------------------
+
+def test_messages_name_the_file_and_line_of_every_header(tmp_path):
+    """A compile error deep in common.cuh (after its #pragma once) names its real line."""
+    _nvrtc()
+    needle = "T.R = ti.R; T.C = ti.C; T.n = ti.n; T.p = ti.p;"
+    line = next(i for i, text in enumerate((CSRC / "common.cuh").read_text().splitlines(), 1)
+                if needle in text)
+    broken = cuda.source().replace(needle, "T.R = undefined_name;")
+    with pytest.raises(cuda_runtime.CompileError, match=rf'common\.cuh\({line}\).*undefined_name'):
+        cuda_runtime.compile_kernels(broken, 90, "ptx", cache=tmp_path)
+
 
 def test_host_reads_the_layouts_the_kernels_use():
     """Constants and struct layouts come from the sources, in declaration order."""

@@ -49,6 +49,13 @@ def groups_lr(model, wd, named=False):
     return groups
 
 
+def decaying_groups(model):
+    """groups_lr, with weight decay in the second group too."""
+    groups = groups_lr(model, 1.0)
+    groups[1]["weight_decay"] = 0.5
+    return groups
+
+
 def schedule_oracle_groups(model):
     """torch's AdamW with λ/lr₀ per group is the oracle for θ ← θ(1 − (lr/lr₀)·λ)."""
     groups = groups_lr(model, WD)
@@ -112,9 +119,10 @@ CASES = {
     "lion": ("lion", dict(lr=1e-3, weight_decay=WD),
              lambda m: groups_lr(m, WD),
              lambda m: lion_pytorch.Lion(groups_lr(m, WD), lr=1e-3, weight_decay=WD), cosine),
+    # both groups decay, at different lrs: lion-pytorch divides λ by its constructor's lr
     "lion-decoupled": ("lion", dict(lr=LR, betas=(0.95, 0.98), decoupled_weight_decay=True),
-                       lambda m: groups_lr(m, 1.0),
-                       lambda m: lion_pytorch.Lion(groups_lr(m, 1.0), lr=LR, betas=(0.95, 0.98),
+                       lambda m: decaying_groups(m),
+                       lambda m: lion_pytorch.Lion(decaying_groups(m), lr=LR, betas=(0.95, 0.98),
                                                    decoupled_weight_decay=True), step_lr),
 }
 

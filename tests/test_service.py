@@ -93,3 +93,16 @@ def test_demo_compare_shows_adamp_keeping_scale_invariant_norms_flat(tmp_path):
     assert results["Adafactor"]["optimizer_state_bytes"] < results["AdamW"]["optimizer_state_bytes"] / 4
     plot(list(results.values()), str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_the_wheel_carries_everything_a_shard_loads(tmp_path):
+    """What `pip install .` installs, as the image does: the proto and the CUDA sources (an
+    editable install would hide a file the wheel leaves out)."""
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300,
+                   capture_output=True)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("optserve-*.whl"))).namelist())
+    sources = {f"optserve/kernels/csrc/{p.name}" for p in (ROOT / "kernels" / "csrc").iterdir()}
+    assert sources and sources <= names, sources - names
+    assert "optserve/proto/optserve/v1/optserve.proto" in names

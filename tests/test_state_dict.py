@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import adamp
+import lion_pytorch
 import torch
 
 from models import make_data, make_model, param_groups, train
@@ -51,6 +52,31 @@ def test_adamp_state_dict_loads_into_adamp_package(shard):
     fresh.load_state_dict(sd)
     train(remote, fresh, 5, lambda _: make_data(4))
     train(reference, ref, 5, lambda _: make_data(4))
+    assert_same_params(remote, reference)
+    opt.close()
+
+
+def test_lion_state_dict_round_trips_with_lion_pytorch(shard):
+    """lion_pytorch keeps no step count, only exp_avg: its momentum still carries over, both
+    ways."""
+    local, remote, reference = make_model(), make_model(), make_model()
+    theirs = lion_pytorch.Lion(local.parameters(), lr=1e-3, weight_decay=0.1)
+    ref = lion_pytorch.Lion(reference.parameters(), lr=1e-3, weight_decay=0.1)
+    train(local, theirs, 3, lambda _: make_data(0))
+    train(reference, ref, 3, lambda _: make_data(0))
+    remote.load_state_dict(local.state_dict())
+    opt = RemoteOptimizer(remote.parameters(), "lion", servers=[shard.address], job="sd-lion",
+                          lr=1e-3, weight_decay=0.1)
+    opt.load_state_dict(theirs.state_dict())
+    assert len(opt.state_dict()["state"]) == len(list(remote.parameters()))
+    train(remote, opt, 3, lambda _: make_data(5))
+    train(reference, ref, 3, lambda _: make_data(5))
+    assert_same_params(remote, reference)
+
+    back = lion_pytorch.Lion(remote.parameters(), lr=1e-3, weight_decay=0.1)
+    back.load_state_dict(opt.state_dict())
+    train(remote, back, 3, lambda _: make_data(6))
+    train(reference, ref, 3, lambda _: make_data(6))
     assert_same_params(remote, reference)
     opt.close()
 

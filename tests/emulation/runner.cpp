@@ -6,7 +6,8 @@ static char emu_shared_anchor __attribute__((section("emu_shared"), used));
 extern "C" char __start_emu_shared[], __stop_emu_shared[];
 
 // The order a block's threads run in between two barriers: a fresh shuffle each time
-// (xorshift, seeded by the launch and block, so that a failure reproduces).
+// (xorshift, seeded by the block and the launch's number in the process, so that a run
+// reproduces; OPTSERVE_EMU_SEED, a number, gives other orders).
 static unsigned long long emu_rng;
 static int emu_order[emu::MAXT];
 
@@ -63,7 +64,8 @@ extern "C" int emu_launch(void (*fn)(const long long*), const long long* args, l
     for (int i = 0; i < nthreads; ++i)
         if (!stacks[i]) stacks[i] = (char*)malloc(STACK);
     static unsigned long long launches = 0;
-    ++launches;
+    if (launches++ == 0 && getenv("OPTSERVE_EMU_SEED"))
+        launches = 1 + 1000000007ull * strtoull(getenv("OPTSERVE_EMU_SEED"), 0, 10);
     for (long long b = 0; b < grid; ++b) {
         bidx = emu_dim3{(unsigned int)b, 0u, 0u};
         emu_rng = 0x9E3779B97F4A7C15ull * (launches * 1000003ull + (unsigned long long)b + 1);

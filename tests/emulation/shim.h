@@ -88,6 +88,7 @@ static inline void block_here(int state) {
 static inline void __syncthreads() { emu::fib[emu::cur].bseq++; emu::block_here(emu::WAIT_BLOCK); }
 
 static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 
 // Every lane of the warp must arrive (the scheduler checks); the value exchange is
 // double-buffered by sequence number, so a lane that runs ahead cannot overwrite a slot
