@@ -16,8 +16,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/optserve demo
 
+# Run again against a `--device cuda` shard: on the GPU where there is one, else on the CuPy
+# test double (tests/fake_cupy), whose kernels run on a host emulation of the GPU.
+CUDA_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.py \
+	tests/test_errors.py tests/test_fuzz.py tests/test_state_dict.py tests/test_stepper.py \
+	tests/test_lifecycle.py tests/test_metrics.py
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	OPTSERVE_TEST_DEVICE=cuda $(PY) -m pytest -q $(CUDA_SUITE)
 
 proto: $(VENV)/.installed
 	$(PY) proto/generate.py

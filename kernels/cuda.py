@@ -20,10 +20,9 @@ Gradients: float32 (the contract), or 16-bit gradients without a conversion pass
 float16 arrays, and bfloat16 given as uint16 bit patterns (or an ml_dtypes bfloat16 array);
 the kernels widen them to float32 on load.
 
-State: `step()` takes a FlatState whose arrays are NumPy (uploaded, stepped and copied
-back: correct, but bound by PCIe) or device arrays (stepped in place; `to_device` /
-`to_host`). A shard's Job keeps its state in NumPy, so a GPU shard still pays those
-transfers on every step.
+State: a shard's job keeps its state on the device (`new_state`: kernels/cuda_state.py),
+which `step()` steps in place. `step()` also takes a FlatState of NumPy arrays (uploaded,
+stepped and copied back), which the tests use.
 """
 from __future__ import annotations
 
@@ -42,8 +41,8 @@ from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
 
 name = "cuda"
-# Host state is uploaded and copied back whole on every call, so a step is one call.
-steps_in_parts = False
+# A job's state stays on the device: a step in parts costs a few launches more.
+steps_in_parts = True
 
 BLOCK, WARPS, TR, TC = (constant(k) for k in ("BLOCK", "WARPS", "TR", "TC"))
 GK_F32, GK_BF16, GK_F16 = (constant(k) for k in ("GK_F32", "GK_BF16", "GK_F16"))
@@ -315,3 +314,9 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: Any, active
             rt.copy_into(v, cs.fields[k])
     return call.result
 
+
+
+def new_state(layout: FlatLayout, params: np.ndarray):
+    """A job's state on the device (kernels/cuda_state.py)."""
+    from optserve.kernels.cuda_state import DeviceState
+    return DeviceState(runtime(), layout, params)

@@ -209,10 +209,10 @@ class CupyRuntime:
         return self.cp.cuda.Event(block=False, disable_timing=True)
 
     def pinned(self, nbytes: int) -> np.ndarray:
-        """`nbytes` of page-locked host memory as a uint8 array, which keeps it alive; it goes
-        back to CuPy's pool with the last array made from it."""
-        memory = self.cp.cuda.alloc_pinned_memory(max(nbytes, 1))
-        return np.ndarray(nbytes, np.uint8, buffer=memory)
+        """`nbytes` of page-locked host memory as a uint8 array; it goes back to CuPy's pool
+        with the last array made from it."""
+        import cupyx
+        return cupyx.empty_pinned(nbytes, np.uint8)
 
     def h2d(self, dst, dst_byte: int, src: np.ndarray, stream) -> None:
         """Queues on `stream` a copy of host `src` (page-locked for the copy to be

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from optserve.server import ShardConfig, ShardServer
-from support import DEVICE, skip_or_fail, steps_in_parts
+from support import CUPY_DOUBLE, DEVICE, skip_or_fail, steps_in_parts
 
 
 @pytest.fixture
@@ -40,31 +40,31 @@ def step_path(request, monkeypatch):
     assert started, "no step ran on the stepper"
 
 
-# ---- the CUDA backend's runtimes: the host emulation, and a real GPU where there is one ----
+# ---- the CUDA backend's runtimes: the test double without a GPU, the GPU where there is one ----
 
 @pytest.fixture(scope="session")
-def cxx():
-    """The host C++ compiler the CUDA emulation is built with."""
+def cupy_double():
+    """The CuPy test double, ready to compile kernels for the host emulation; skipped where
+    a GPU is visible (the GPU tier runs there)."""
     import shutil
-    found = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if found is None:
+    if not CUPY_DOUBLE:
+        pytest.skip("a GPU is visible: the GPU tier runs instead of the host emulation")
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
         skip_or_fail("no C++ compiler for the CUDA host emulation")
-    return found
-
-
-@pytest.fixture(scope="session")
-def emulated_runtime(cxx, tmp_path_factory):
-    import emulator
-    return emulator.build(cxx, tmp_path_factory.mktemp("cuda_emu"))
+    import cupy
+    return cupy
 
 
 @pytest.fixture
-def emulated_cuda(emulated_runtime):
-    """kernels/cuda.py running on the host emulation; yields the runtime."""
+def emulated_cuda(cupy_double):
+    """kernels/cuda.py with the real CupyRuntime on the CuPy test double; yields the list the
+    double appends every launched kernel to (cleared)."""
     from optserve.kernels import cuda
-    previous = cuda.use_runtime(emulated_runtime)
-    emulated_runtime.launches.clear()
-    yield emulated_runtime
+    from optserve.kernels.cuda_runtime import CupyRuntime
+    previous = cuda.use_runtime(CupyRuntime(cuda.source()))
+    launched = cupy_double.cuda.function.launched
+    launched.clear()
+    yield launched
     cuda.use_runtime(previous)
 
 
@@ -73,13 +73,9 @@ def gpu_cuda():
     """kernels/cuda.py on a real GPU through CuPy; skipped (with the reason) without one."""
     from optserve.kernels import cuda
     from optserve.kernels.cuda_runtime import CupyRuntime
-    try:
-        import cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no cupy, no driver, or no device
-        pytest.skip(f"no CUDA GPU visible: {type(e).__name__}: {e}")
-    if count == 0:
-        pytest.skip("no CUDA GPU visible: cupy sees 0 devices")
+    if CUPY_DOUBLE:
+        pytest.skip("no CUDA GPU visible (the CUDA runtime reports none); the host emulation "
+                    "runs the kernels instead")
     rt = CupyRuntime(cuda.source())
     previous = cuda.use_runtime(rt)
     yield rt

@@ -2,8 +2,30 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 import pytest
+
+FAKE_CUPY = pathlib.Path(__file__).with_name("fake_cupy")
+
+
+def gpu_visible() -> bool:
+    """Whether the CUDA runtime sees a device (asked without importing cupy)."""
+    try:
+        from cupy_backends.cuda.api import runtime
+        return runtime.getDeviceCount() > 0
+    except Exception:   # no cupy, no driver, or no device
+        return False
+
+
+# Without a GPU, `import cupy` is the test double (tests/fake_cupy): the CUDA backend's kernels
+# run on the host emulation, here and in the shards the tests start.
+CUPY_DOUBLE = not gpu_visible()
+if CUPY_DOUBLE:
+    sys.path.insert(0, str(FAKE_CUPY))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_CUPY),
+                                                             os.environ.get("PYTHONPATH")]))
 
 # The backend every end-to-end test drives; the kernel tests compare backends directly.
 DEVICE = os.environ.get("OPTSERVE_TEST_DEVICE", "cpu")

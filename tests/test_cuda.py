@@ -1,7 +1,7 @@
 """The CUDA sources (kernels/csrc) and what only the CUDA backend has.
 
 The kernels' parity with the reference runs in tests/test_kernels.py, on the host emulation
-(tests/emulator.py) and on a real GPU where there is one. Here:
+(the CuPy test double, tests/fake_cupy) and on a real GPU where there is one. Here:
 1. Compile checks, no GPU needed: the cubin a GPU shard loads and the PTX of the same
    options, by the same function (NVRTC, from the `nvidia-cuda-nvrtc` wheel) for sm_90, and
    every .cu file on its own through nvcc where nvcc is installed (checking that no kernel

@@ -233,23 +233,23 @@ def test_a_step_that_fails_inline_is_neither_applied_nor_cached(shard, monkeypat
     to raise) is INTERNAL, and nothing is settled: the version stays, no worker is answered
     from it, and the step sent again is applied once, as torch's AdamW takes one step."""
     from optserve.client import Internal
-    from optserve.kernels import cpu
+    backend = shard.backend
 
     x, y = make_data()
     model, ref_model = make_model(), make_model()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="inline",
                           lr=1e-2)
-    step = cpu.step
+    step = backend.step
 
     def fails(*args, **kwargs):
         raise MemoryError("no room")
 
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    monkeypatch.setattr(cpu, "step", fails)
+    monkeypatch.setattr(backend, "step", fails)
     with pytest.raises(Internal, match="no room"):
         opt.step()
     assert shard.store.job("inline").version == 0 and not shard.store.job("inline").results
-    monkeypatch.setattr(cpu, "step", step)
+    monkeypatch.setattr(backend, "step", step)
     opt.step()
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     torch.nn.functional.cross_entropy(ref_model(x), y).backward()

@@ -280,17 +280,17 @@ def test_cuda_16bit_gradients(cuda_backend, case_name, grad_dtype):
     run_parity(cuda_backend, case_name, grad_dtype=grad_dtype, steps=2)
 
 
-def test_a_missing_barrier_fails_the_parity_test(cxx, tmp_path):
+def test_a_missing_barrier_fails_the_parity_test(emulated_cuda):
     """The emulation shuffles the order of a block's threads and poisons shared memory per
     block, so that a race shows: without the __syncthreads after adamp_decide's thread 0
     writes the projection mode to shared memory, AdamP's parity test fails (as it would,
     now and then, on a GPU)."""
-    import emulator
+    from optserve.kernels.cuda_runtime import CupyRuntime
     source = cuda.source()
     planted = source.replace("mode_sh = mode;\n        }\n        __syncthreads();",
                              "mode_sh = mode;\n        }")
     assert planted != source
-    previous = cuda.use_runtime(emulator.build(cxx, tmp_path, planted))
+    previous = cuda.use_runtime(CupyRuntime(planted))
     try:
         with pytest.raises(AssertionError, match="Mismatch"):   # wrong numbers, not a crash
             run_parity(cuda, "adamp-orthogonal", steps=1)
@@ -365,9 +365,9 @@ def test_cpu_kernel_calls_do_not_grow_with_the_number_of_tensors(optimizer, monk
 @pytest.mark.parametrize("optimizer", sorted(KERNELS))
 def test_cuda_launches_do_not_grow_with_the_number_of_tensors(optimizer, emulated_cuda):
     def launches(n_tensors: int, sums: bool = True) -> list[str]:
-        emulated_cuda.launches.clear()
+        emulated_cuda.clear()
         _calls_for(optimizer, n_tensors, cuda.step, sums)
-        return list(emulated_cuda.launches)
+        return list(emulated_cuda)
 
     few = launches(1)
     assert few and launches(40) == few
@@ -385,7 +385,7 @@ def test_no_active_tensors_is_a_no_op(step, emulated_cuda):
                    sums=sums)
         assert out.reports == {} and (out.sums is not None) == sums
         assert out.sums is None or all((getattr(out.sums, k) == 0.0).all() for k in SUM_NAMES)
-    assert (state.param == 1.0).all() and not emulated_cuda.launches
+    assert (state.param == 1.0).all() and not emulated_cuda
 
 
 @pytest.mark.parametrize("step", [cpu.step, cuda.step, reference.step], ids=["cpu", "cuda", "reference"])

@@ -13,10 +13,13 @@ import torch
 
 from models import make_model, train
 from optserve.client import Internal, RemoteOptimizer, Unavailable, delete_job
-from optserve.kernels import cpu
+from optserve.kernels import get_backend
 from optserve.server import ShardConfig, ShardServer
 from optserve.server.checkpoint import Checkpointer
-from support import steps_in_parts
+from support import DEVICE, steps_in_parts
+
+# The backend the shards here run; tests make its step fail or slow.
+BACKEND = get_backend(DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +33,7 @@ def small_parts(monkeypatch):
 def test_checkpoints_written_by_the_stepper_hold_their_version(tmp_path):
     """A checkpoint due at a step is written by that step's stepper run: each one holds the
     parameters of its own version, against torch's AdamW taken as many steps."""
-    server = ShardServer(ShardConfig(port=0, device="cpu", checkpoint_dir=str(tmp_path),
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(tmp_path),
                          checkpoint_every=1)).start()
     try:
         model, ref_model = make_model(), make_model()
@@ -59,7 +62,7 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
     model = make_model()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="fails",
                           mode=mode, lr=1e-2, rpc_timeout=30)
-    step, calls = cpu.step, []
+    step, calls = BACKEND.step, []
 
     def second_call_fails(*args, **kwargs):
         calls.append(1)
@@ -67,10 +70,10 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
             raise MemoryError("no room for the second part")
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "step", second_call_fails)
+    monkeypatch.setattr(BACKEND, "step", second_call_fails)
     with pytest.raises(Internal, match="the step failed before its reply was written"):
         train(model, opt, 1)
-    monkeypatch.setattr(cpu, "step", step)
+    monkeypatch.setattr(BACKEND, "step", step)
     opt.pull_parameters()
     job = shard.store.job("fails")
     assert job.version == 1 and job.stepper.pending == 0 and not job.stepper.reading
@@ -82,13 +85,13 @@ def test_a_step_that_fails_on_the_stepper_is_internal_and_the_job_goes_on(shard,
 def test_reads_are_not_starved_by_a_busy_stepper(shard, monkeypatch):
     """Three async workers keep the stepper busy without a pause (each backend call is
     slowed to make sure of it); pulls and state reads of a fourth still get their turn."""
-    step = cpu.step
+    step = BACKEND.step
 
     def slow_step(*args, **kwargs):
         time.sleep(0.005)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "step", slow_step)
+    monkeypatch.setattr(BACKEND, "step", slow_step)
     models = [make_model() for _ in range(3)]
     opts = [RemoteOptimizer(m.parameters(), "adamw", servers=[shard.address], job="busy",
                             rank=r, world_size=4, mode="async", lr=1e-3)
@@ -124,7 +127,7 @@ def test_a_name_is_reserved_until_its_deletion_has_cleaned_up(tmp_path, monkeypa
     """DeleteJob waits for a running step before it removes the job's series and checkpoints
     (by name); a registration of the same name meanwhile is UNAVAILABLE, and the one after
     it gets a clean job: its own series, checkpoints and steps (oracle: torch's AdamW)."""
-    step = cpu.step
+    step = BACKEND.step
     slow = threading.Event()
 
     def slow_step(*args, **kwargs):
@@ -132,8 +135,8 @@ def test_a_name_is_reserved_until_its_deletion_has_cleaned_up(tmp_path, monkeypa
             time.sleep(0.3)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "step", slow_step)
-    server = ShardServer(ShardConfig(port=0, device="cpu", checkpoint_dir=str(tmp_path),
+    monkeypatch.setattr(BACKEND, "step", slow_step)
+    server = ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(tmp_path),
                          checkpoint_every=1)).start()
     try:
         old = make_model()
