@@ -20,20 +20,44 @@ __all__ = ["Backend", "DecayMode", "FlatLayout", "FlatState", "Hyper", "Report",
 log = logging.getLogger("optserve.kernels")
 
 
-def _cuda_available() -> bool:
+# CUDA runtime errors that mean the machine cannot run CuPy's CUDA at all.
+_INSUFFICIENT_DRIVER, _NO_DEVICE = 35, 100
+
+
+def why_no_gpu() -> str | None:
+    """None when CuPy sees a GPU, else why not, in words an operator can act on."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception as e:  # no cupy, no driver, or no device: all mean "no GPU here"
-        log.debug("no CUDA GPU: %s: %s", type(e).__name__, e)
-        return False
+    except ImportError:
+        return "CuPy is not installed (pip install 'optserve[cuda]')"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+        return "no CUDA GPU is visible"
+    except Exception as e:   # CUDARuntimeError, or a driver library that cannot be loaded
+        status = getattr(e, "status", None)
+        if status == _INSUFFICIENT_DRIVER:
+            try:
+                driver = cupy.cuda.runtime.driverGetVersion()
+            except Exception:
+                driver = 0
+            need = cupy.cuda.runtime.runtimeGetVersion()
+            return (f"the NVIDIA driver is too old: it supports CUDA {driver // 1000}.{driver % 1000 // 10} "
+                    f"and this CuPy needs CUDA {need // 1000}.{need % 1000 // 10} (update the driver, "
+                    "or install the cupy-cudaXXx wheel of the CUDA the driver has)")
+        if status == _NO_DEVICE:
+            return "no CUDA GPU is visible"
+        return f"CuPy cannot use a GPU: {type(e).__name__}: {e}"
 
 
 def get_backend(device: str = "auto") -> Backend:
     """The backend for `device`: auto (cuda if a GPU is visible, else cpu), cpu, cuda, or
     reference (the NumPy ground truth, for debugging)."""
     if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
+        reason = why_no_gpu()
+        if reason:
+            log.info("device auto: %s; the CPU backend steps", reason)
+        device = "cpu" if reason else "cuda"
     if device == "cpu":
         from optserve.kernels import cpu
         return cpu
@@ -41,9 +65,9 @@ def get_backend(device: str = "auto") -> Backend:
         from optserve.kernels import reference
         return reference
     if device == "cuda":
-        if not _cuda_available():
-            raise ValueError("device 'cuda' asked for, but no CUDA GPU is visible to CuPy "
-                             "(pip install -e '.[cuda]' on a machine with a GPU); use --device cpu")
+        reason = why_no_gpu()
+        if reason:
+            raise ValueError(f"device 'cuda' asked for, but {reason}; use --device cpu")
         from optserve.kernels import cuda
         return cuda
     raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or reference")

@@ -155,6 +155,24 @@ class Backend(Protocol):
     def new_state(self, layout: FlatLayout, params: np.ndarray) -> "JobState":
         """A job's state (kernels/state.py), kept where this backend steps it."""
 
+    def device_bytes(self, numel: int, tensors: int, state_bytes: int, workers: int,
+                     wire_itemsize: int) -> int:
+        """Device memory a job of this size holds (0 for a host backend)."""
+
+    def device_capacity(self) -> int | None:
+        """The device's memory in bytes; None for a host backend."""
+
+    def set_device_limit(self, nbytes: int) -> None:
+        """Caps the device memory the backend allocates (nothing for a host backend)."""
+
+    def device_report(self) -> dict[str, int] | None:
+        """Bytes held on the device ("device", "device_limit") and page-locked ("pinned"),
+        and bytes copied to and from it so far ("h2d", "d2h"); None for a host backend."""
+
+    def is_fault(self, exc: BaseException) -> bool:
+        """Whether `exc` is a fault of the device: its state can no longer be trusted, and
+        the shard must stop (to be restarted from its checkpoints)."""
+
 
 def begin_step(kernel: Kernel, layout: FlatLayout, state: FlatState, grad: Any,
                active: npt.ArrayLike, hyper: Hyper, sums: bool) -> StepCall:

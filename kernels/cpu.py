@@ -68,3 +68,23 @@ def step(optimizer: str, layout: FlatLayout, state: FlatState, grad: np.ndarray,
 def new_state(layout: FlatLayout, params: np.ndarray) -> HostState:
     """A job's state in host memory, stepped by this backend."""
     return HostState(sys.modules[__name__], layout, params)
+
+
+def device_bytes(numel: int, tensors: int, state_bytes: int, workers: int, wire_itemsize: int) -> int:
+    return 0
+
+
+def device_capacity() -> None:
+    return None
+
+
+def set_device_limit(nbytes: int) -> None:
+    pass
+
+
+def device_report() -> None:
+    return None
+
+
+def is_fault(exc: BaseException) -> bool:
+    return False

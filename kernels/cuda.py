@@ -320,3 +320,35 @@ def new_state(layout: FlatLayout, params: np.ndarray):
     """A job's state on the device (kernels/cuda_state.py)."""
     from optserve.kernels.cuda_state import DeviceState
     return DeviceState(runtime(), layout, params)
+
+
+def device_bytes(numel: int, tensors: int, state_bytes: int, workers: int, wire_itemsize: int) -> int:
+    """What a DeviceState of this job holds: its state, a gradient buffer per worker (wire
+    dtype), the sync mean, the reply's encoding, and the plans' tables and scratch (at most
+    about half a byte per parameter and 2 KiB per tensor)."""
+    mean = 4 * numel if workers > 1 else 0
+    return state_bytes + workers * wire_itemsize * numel + mean + 4 * numel + numel // 2 + 2048 * tensors
+
+
+def device_capacity() -> int:
+    """The GPU's memory; the first call creates the runtime, which compiles the kernels."""
+    return runtime().memory()[1]
+
+
+def set_device_limit(nbytes: int) -> None:
+    """Caps the device memory the shard's pool hands out."""
+    runtime().limit(nbytes)
+
+
+def device_report() -> dict[str, int]:
+    """Device and page-locked bytes held, and bytes copied each way (CupyRuntime.report)."""
+    return runtime().report()
+
+
+def is_fault(exc: BaseException) -> bool:
+    """CUDA runtime and driver errors, and running out of device memory (which admission
+    should have prevented): after them the device state may be half-written."""
+    import cupy
+    faults = (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.memory.OutOfMemoryError)
+    driver = getattr(getattr(cupy.cuda, "driver", None), "CUDADriverError", None)
+    return isinstance(exc, faults + ((driver,) if driver else ()))

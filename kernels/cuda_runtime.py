@@ -32,6 +32,7 @@ import os
 import pathlib
 import re
 import tempfile
+import weakref
 from typing import Iterable
 
 import numpy as np
@@ -180,6 +181,7 @@ class CupyRuntime:
         self.module.load(compile_kernels(source, int(device.compute_capability)))
         self._kernels: dict[str, object] = {}
         self.copied = {"h2d": 0, "d2h": 0}   # bytes over PCIe, by direction
+        self.pinned_bytes = 0                # page-locked host memory in arrays now
 
     # ---- arrays; copies on the current stream, complete when they return --------------------
     def is_device_array(self, x) -> bool:
@@ -212,7 +214,13 @@ class CupyRuntime:
         """`nbytes` of page-locked host memory as a uint8 array; it goes back to CuPy's pool
         with the last array made from it."""
         import cupyx
-        return cupyx.empty_pinned(nbytes, np.uint8)
+        out = cupyx.empty_pinned(nbytes, np.uint8)
+        self.pinned_bytes += nbytes
+        weakref.finalize(out, self._unpinned, nbytes)
+        return out
+
+    def _unpinned(self, nbytes: int) -> None:
+        self.pinned_bytes -= nbytes
 
     def h2d(self, dst, dst_byte: int, src: np.ndarray, stream) -> None:
         """Queues on `stream` a copy of host `src` (page-locked for the copy to be
@@ -248,9 +256,12 @@ class CupyRuntime:
         """Caps CuPy's device memory pool: an allocation beyond raises OutOfMemoryError."""
         self.cp.get_default_memory_pool().set_limit(size=nbytes)
 
-    def held(self) -> int:
-        """Device bytes in arrays now."""
-        return self.cp.get_default_memory_pool().used_bytes()
+    def report(self) -> dict[str, int]:
+        """Device bytes in arrays now and the pool's limit, page-locked bytes, and the bytes
+        copied each way so far (for the metrics)."""
+        pool = self.cp.get_default_memory_pool()
+        return {"device": pool.used_bytes(), "device_limit": pool.get_limit(),
+                "pinned": self.pinned_bytes, **self.copied}
 
     def release_cached(self) -> None:
         """Gives the pools' unused blocks (device and page-locked) back to the driver."""

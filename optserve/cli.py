@@ -10,6 +10,8 @@ import sys
 def _server(args: argparse.Namespace) -> int:
     if args.threads:  # read by numba when it is first imported, just below
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    if args.gpu is not None:  # read by CUDA when it first initialises, after this
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     from optserve.server import Limits, ShardConfig, TLSFiles, serve
     from optserve.server.config import half_of_memory
     from optserve.server.interceptors import load_tokens
@@ -30,11 +32,10 @@ def _server(args: argparse.Namespace) -> int:
             tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
             tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
             limits=Limits(args.max_jobs, args.max_params_per_job,
-                          args.max_state_bytes or half_of_memory()))
-        serve(config)
+                          args.max_state_bytes or half_of_memory(), args.max_device_bytes))
+        return serve(config)
     except (OSError, ValueError) as e:   # a port taken, a tokens file that does not parse, ...
         raise SystemExit(f"optserve server: {e}") from None
-    return 0
 
 
 def _port(text: str) -> int:
@@ -42,6 +43,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0 picks a free one)")
     return port
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -129,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-params-per-job", type=_positive, default=2_000_000_000)
     server.add_argument("--max-state-bytes", type=_positive, default=None,
                         help="parameters + optimizer state over all jobs (default: half of RAM)")
+    server.add_argument("--max-device-bytes", type=_positive, default=None,
+                        help="GPU memory all jobs may hold: state, gradient buffers, scratch "
+                             "(default: 90%% of the GPU's)")
+    server.add_argument("--gpu", type=_nonnegative, default=None,
+                        help="the GPU this shard uses (sets CUDA_VISIBLE_DEVICES; one shard per GPU)")
     server.set_defaults(func=_server)
 
     health = sub.add_parser("health", help="check a shard's grpc.health.v1 status")

@@ -1,6 +1,7 @@
 """The shard process: a gRPC server with the Optimizer service, health and reflection."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -32,15 +33,26 @@ class ShardServer:
 
     def __init__(self, config: ShardConfig | None = None):
         config = config or ShardConfig(port=0)   # embedded: any free port
-        self.config = config
         self.backend = get_backend(config.device)
+        capacity = self.backend.device_capacity()   # a GPU's kernels compile here, before the port opens
+        if capacity is not None:
+            limit = config.limits.max_device_bytes or int(0.9 * capacity)
+            self.backend.set_device_limit(limit)
+            config = dataclasses.replace(config, limits=dataclasses.replace(
+                config.limits, max_device_bytes=limit))
+            log.info("device memory: %.1f GB of %.1f GB for jobs", limit / 1e9, capacity / 1e9)
+        self.config = config
+        self.fault: BaseException | None = None
         self.metrics = ShardMetrics()
+        if capacity is not None:
+            self.metrics.watch_device(self.backend.device_report)
         recorder = MetricsRecorder(self.metrics, config.metrics_every, config.max_tensor_series)
         checkpointer = (Checkpointer(config.checkpoint_dir, config.keep_checkpoints)
                         if config.checkpoint_dir else None)
         self.store = ShardStore(self.backend, barrier_timeout=config.barrier_timeout,
                                 observer=recorder, checkpointer=checkpointer,
                                 checkpoint_every=config.checkpoint_every, limits=config.limits)
+        self.store.on_fault = self._on_fault
         self.store.restore_all()
         self.health = health.HealthServicer()
         interceptors = [RpcCounter(self.metrics.rpcs)]
@@ -89,6 +101,15 @@ class ShardServer:
         log.info("metrics on http://%s:%d/metrics", host or self.host, port)
         return port
 
+    def _on_fault(self, exc: BaseException) -> None:
+        """A device fault: no job's state on the device can be trusted any more. The shard
+        reports NOT_SERVING and stops without checkpointing what it holds; restarted, it
+        restores every job from its last checkpoint (serve() exits with EXIT_FAULT)."""
+        log.critical("device fault (%s: %s): the shard stops; restart it to restore its jobs "
+                     "from their checkpoints", type(exc).__name__, exc)
+        self.fault = exc
+        threading.Thread(target=self.stop, args=(0.0,), daemon=True).start()
+
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
             return
@@ -97,7 +118,8 @@ class ShardServer:
         self.metrics.up.set(0)
         self.server.stop(grace).wait()
         try:
-            self.store.checkpoint_all()
+            if self.fault is None:
+                self.store.checkpoint_all()
         finally:
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
@@ -117,8 +139,13 @@ class ShardServer:
         self.stop(grace=0)
 
 
-def serve(config: ShardConfig) -> None:
-    """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully."""
+# `optserve server`'s exit status after a device fault (EX_SOFTWARE): its supervisor restarts it.
+EXIT_FAULT = 70
+
+
+def serve(config: ShardConfig) -> int:
+    """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully; returns the exit
+    status (0, or EXIT_FAULT after a device fault)."""
     tune_malloc()
     shard = ShardServer(config).start()
     metrics_port = config.metrics_port
@@ -139,3 +166,4 @@ def serve(config: ShardConfig) -> None:
     metrics = f" (metrics on port {metrics_port})" if metrics_port is not None else ""
     print(f"optserve shard listening on {shard.address}{metrics}", flush=True)
     shard.wait()
+    return 0 if shard.fault is None else EXIT_FAULT

@@ -20,6 +20,8 @@ class Limits:
     max_params_per_job: int = 2_000_000_000
     # parameters + optimizer state over all jobs; by default half of this machine's memory
     max_state_bytes: int = field(default_factory=half_of_memory)
+    # what all jobs hold on the GPU (state, gradient buffers, scratch); None: 90 % of it
+    max_device_bytes: int | None = None
 
 
 @dataclass(frozen=True)

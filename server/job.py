@@ -37,7 +37,7 @@ log = logging.getLogger("optserve.server")
 class Job:
     def __init__(self, spec: pb.JobSpec, shard: int, backend: Backend, params: np.ndarray,
                  barrier_timeout: float, observer=None, checkpointer=None,
-                 checkpoint_every: int = 0):
+                 checkpoint_every: int = 0, faults=lambda exc: None):
         self.spec = spec
         self.name = spec.job
         self.key = spec_key(spec)
@@ -53,6 +53,10 @@ class Job:
         self.layout = FlatLayout(shapes, [self.info.state_fields(s, spec.groups[spec.tensors[t].group])
                                           for s, t in zip(shapes, self.tensors)])
         self.state = backend.new_state(self.layout, params)   # kernels/state.py
+        self.device_bytes = backend.device_bytes(
+            self.layout.numel, self.layout.num_tensors, self.layout.state_bytes(),
+            spec.num_workers, WIRE_ITEMSIZE[spec.grad_dtype])
+        self.faults = faults      # told of every failure of a step; stops the shard on a device fault
         self.version = 0
         self.cond = threading.Condition()
         self.worker_step: dict[int, int] = {}           # the last step each worker completed

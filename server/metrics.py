@@ -11,6 +11,7 @@ from enum import Enum
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 
 from optserve.kernels.backend import SUM_NAMES, Report
@@ -90,11 +91,36 @@ class ShardMetrics:
                             ("method", "code"), registry=r)
         self.up = Gauge("optserve_shard_up", "1 while the shard serves", registry=r)
 
+    def watch_device(self, report) -> None:
+        """Exports a device backend's memory and PCIe traffic, read at each scrape from
+        `report()` (Backend.device_report)."""
+        self.registry.register(_DeviceCollector(report))
+
     def forget_job(self, job: str) -> None:
         """Removes every series labelled with `job`."""
         for metric in vars(self).values():
             if isinstance(metric, MetricWrapperBase) and "job" in metric._labelnames:
                 metric.remove_by_labels({"job": job})
+
+
+class _DeviceCollector:
+    def __init__(self, report):
+        self.report = report
+
+    def collect(self):
+        r = self.report()
+        memory = GaugeMetricFamily("optserve_device_memory_bytes", "Memory the shard holds for "
+                                   "a GPU, by kind: device (in arrays), device_limit (the pool's "
+                                   "cap, --max-device-bytes), pinned (page-locked host staging)",
+                                   labels=["kind"])
+        for kind in ("device", "device_limit", "pinned"):
+            memory.add_metric([kind], r[kind])
+        yield memory
+        copies = CounterMetricFamily("optserve_device_copy_bytes", "Bytes copied between host "
+                                     "and GPU, by direction (h2d, d2h)", labels=["direction"])
+        for direction in ("h2d", "d2h"):
+            copies.add_metric([direction], r[direction])
+        yield copies
 
 
 def tensor_series(names: list[str], cap: int) -> list[str]:

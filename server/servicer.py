@@ -38,6 +38,7 @@ def translate_errors(method):
                 raise InvalidArgument(request.detail)
             return method(self, request, context)
         except Exception as exc:  # every failure gets a status, unknown ones INTERNAL
+            self.store.check_fault(exc)
             _abort(context, exc)
     return wrapper
 
@@ -51,6 +52,7 @@ def translate_errors_stream(method):
                 raise InvalidArgument(request.detail)
             yield from method(self, request, context)
         except Exception as exc:
+            self.store.check_fault(exc)
             _abort(context, exc)
     return wrapper
 

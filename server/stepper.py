@@ -156,6 +156,7 @@ class Stepper:
             if progress is None:
                 raise
             log.exception("job %r: step to version %d failed", job.name, work.version)
+            job.faults(exc)
             self._forget(work)
             progress.fail(exc)
         else:

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from optserve.proto import optimizers
 from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
                                    ResourceExhausted, Unavailable)
-from optserve.proto.spec import dtype_name, numel, shard_tensors, spec_key
+from optserve.proto.spec import WIRE_ITEMSIZE, dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import Assembler, RawChunk
 from optserve.server.config import Limits
@@ -33,6 +33,15 @@ class ShardStore:
         self.jobs: dict[str, Job] = {}
         self.deleting: set[str] = set()   # names whose DeleteJob is still cleaning up
         self.lock = threading.Lock()
+        # Called once with the first device fault (the backend's is_fault): the shard stops.
+        self.on_fault: Callable[[BaseException], None] | None = None
+        self._faulted = False
+
+    def check_fault(self, exc: BaseException) -> None:
+        """Hands a device fault to `on_fault`: after one, no job's state can be trusted."""
+        if self.backend.is_fault(exc) and self.on_fault is not None and not self._faulted:
+            self._faulted = True
+            self.on_fault(exc)
 
     def job(self, name: str) -> Job:
         try:
@@ -75,6 +84,9 @@ class ShardStore:
             for shape in info.state_fields(tuple(spec.tensors[t].shape),
                                            spec.groups[spec.tensors[t].group]).values())
         held = sum(j.layout.state_bytes() for j in self.jobs.values())
+        device = self.backend.device_bytes(params, len(local), state, spec.num_workers,
+                                           WIRE_ITEMSIZE[spec.grad_dtype])
+        held_device = sum(j.device_bytes for j in self.jobs.values())
         if len(self.jobs) >= self.limits.max_jobs:
             raise ResourceExhausted(f"this shard holds {len(self.jobs)} jobs, its limit")
         if params > self.limits.max_params_per_job:
@@ -83,10 +95,14 @@ class ShardStore:
         if held + state > self.limits.max_state_bytes:
             raise ResourceExhausted(f"job {spec.job!r} needs {state} bytes of state; the shard "
                                     f"holds {held} of its {self.limits.max_state_bytes}")
+        if device and held_device + device > (self.limits.max_device_bytes or 0):
+            raise ResourceExhausted(f"job {spec.job!r} needs {device} bytes of device memory; "
+                                    f"the shard's jobs hold {held_device} of its "
+                                    f"{self.limits.max_device_bytes}")
 
     def _new_job(self, spec: pb.JobSpec, shard: int, params: np.ndarray) -> Job:
         return Job(spec, shard, self.backend, params, self.barrier_timeout, self.observer,
-                   self.checkpointer, self.checkpoint_every)
+                   self.checkpointer, self.checkpoint_every, self.check_fault)
 
     def restore_all(self) -> None:
         """Restores every job from its newest checkpoint that verifies."""

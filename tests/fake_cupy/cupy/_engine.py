@@ -10,7 +10,9 @@ It is stricter than a GPU where a GPU would only sometimes fail:
   reusing a staging buffer before the copy's event has fired corrupts the copy; page-locked
   memory given back to the pool is poisoned;
 - device buffers have poisoned guard zones, checked after every kernel;
-- the pool's limit raises OutOfMemoryError, as CuPy's does.
+- the pool's limit raises OutOfMemoryError, as CuPy's does;
+- FAKE_CUPY_FAULT_AT=n makes the n-th kernel to run fail with an illegal address, and every
+  kernel and copy after it, as a sticky CUDA error does.
 """
 from __future__ import annotations
 
@@ -31,6 +33,18 @@ _POISON_BYTE = 0xFF             # NaN in every float width, -1 in every integer 
 EMULATION = pathlib.Path(__file__).resolve().parents[2] / "emulation"
 TOTAL_MEMORY = int(os.environ.get("FAKE_CUPY_MEMORY", 8 << 30))
 _lock = threading.RLock()
+
+
+class _Faults:
+    """The injected sticky error (FAKE_CUPY_FAULT_AT)."""
+    at = int(os.environ.get("FAKE_CUPY_FAULT_AT", "0"))
+    runs = 0
+    sticky = False
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.sticky:
+            raise CUDARuntimeError(700, "an illegal memory access was encountered")
 
 
 class CUDARuntimeError(RuntimeError):
@@ -272,6 +286,7 @@ def copy(dst: int, src: int, nbytes: int, to_device: bool, stream: Stream) -> No
         src, src_owner = staged.ctypes.data, staged
 
     def run():
+        _Faults.check()
         ctypes.memmove(dst, src, nbytes)
     run.keep = (dst_owner, src_owner)     # alive until the copy has run
     stream.enqueue(run)
@@ -350,6 +365,10 @@ class Library:
         fn = ctypes.cast(getattr(self.lib, f"emu_k_{name}"), ctypes.c_void_p)
 
         def run():
+            _Faults.runs += 1
+            if _Faults.at and _Faults.runs >= _Faults.at:
+                _Faults.sticky = True
+            _Faults.check()
             # One launch at a time: the emulation's fibers and shared memory are process-wide.
             with _launch_lock:
                 packed = np.array(words, np.int64)
