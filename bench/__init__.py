@@ -1,5 +1,6 @@
-"""Benchmarks: `optserve bench kernels|e2e|load|metrics`. Results land in bench/results/ with the device
-name; the README links them. Ratios against peers measured in the same run are what count."""
+"""Benchmarks: `optserve bench kernels|e2e|load|metrics|gpu` (bench/README.md). Results land in
+bench/results/ with the device name; the README links them. Ratios against peers measured in
+the same run are what count."""
 from __future__ import annotations
 
 import argparse

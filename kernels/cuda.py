@@ -83,8 +83,8 @@ def runtime():
 
 
 def use_runtime(rt):
-    """Installs another runtime (tests run the kernels on a host emulation this way);
-    returns the one it replaces (None: not created yet)."""
+    """Installs another runtime (tests, one over the CuPy test double); returns the one it
+    replaces (None: not created yet)."""
     global _runtime
     with _runtime_lock:
         previous, _runtime = _runtime, rt

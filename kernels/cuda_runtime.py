@@ -21,8 +21,8 @@ The host reads its layouts from the same files: `constant("TC")` is an integer #
 the host fills by field name is therefore laid out exactly as the kernel reads it.
 
 `CupyRuntime` is the one object that touches CuPy, imported on first use: importing this
-module needs no GPU and no CuPy. Tests install a host emulation with the same methods
-(kernels.cuda.use_runtime).
+module needs no GPU and no CuPy. Without a GPU, tests run it unchanged on a CuPy test double
+(tests/fake_cupy).
 """
 from __future__ import annotations
 

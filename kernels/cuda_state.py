@@ -10,7 +10,8 @@ Per step:
 - a sync step's mean over the workers, in rank order, runs on the device (bit-identical to
   the CPU backend's), then the optimizer's kernels (kernels/cuda.py);
 - the reply's parameters are encoded in the wire dtype on the device and copied into a
-  page-locked reply buffer, part by part.
+  page-locked reply buffer on a second stream, with an event per reply chunk: the first
+  chunk is on the wire while later ones copy and the next part steps.
 Host copies of the state exist only for checkpoints and the state RPCs (`host`, `load`,
 `write`). Every operation of a job goes to its own stream, so jobs on one GPU overlap.
 """
@@ -24,7 +25,7 @@ from optserve.kernels import cuda
 from optserve.kernels.backend import StepResult, View
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
-from optserve.kernels.state import BufferPool, check_fits
+from optserve.kernels.state import BufferPool, Written, check_fits
 from optserve.proto.spec import WIRE_ITEMSIZE
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import CHUNK_BYTES, Assembler
@@ -48,6 +49,8 @@ class DeviceState:
         self.nonfinite: dict[int, np.ndarray] = {}    # worker -> NaN/Inf count per tensor
         self.mean = None                              # float32, sync steps of several workers
         self.wire = None                              # the reply's parameters, wire dtype
+        self.copier = rt.stream()                     # copies replies out while steps go on
+        self.replied = None                           # the event of the last reply copy
         self.replies = BufferPool(rt.pinned)
         self.param, self.fields = None, {}
         self.load(FlatState(params, {k: np.zeros(n, np.float32)
@@ -124,23 +127,42 @@ class DeviceState:
     def reply_buffer(self, nbytes: int) -> np.ndarray:
         return self.replies.take(nbytes)
 
-    def encode(self, tensors: np.ndarray, dtype: int, out: np.ndarray, pos: int) -> int:
-        """Encodes on the device, then copies each run of `tensors` into `out`; returns once
-        the copies are done."""
+    def encode(self, tensors: np.ndarray, dtype: int, out: np.ndarray, pos: int) -> list[Written]:
+        """Encodes `tensors` on the job's stream, then copies them into `out` on the reply
+        stream, one event per reply chunk (proto/wire.py's CHUNK_BYTES): the step goes on
+        to its next part while these copy, and each chunk can be sent once its event has
+        fired. Returns at once."""
         itemsize = WIRE_ITEMSIZE[dtype]
         if self.wire is None:
             self.wire = self.rt.empty(self.layout.numel * 4, np.uint8)
         plan = cuda.plan(self.layout, View.FLAT)
         dev = cuda.on_device(self.rt, plan)
         with self.stream:
+            if self.replied is not None:    # the last reply's copies have read `wire`
+                self.stream.wait_event(self.replied)
             self.rt.launch("encode_wire", len(plan.tiles), cuda.BLOCK,
                            (dev["tiles"], dev["tinfo"], self._mask(tensors), self.param,
                             self.wire, _KIND[dtype]))
-            for o, n in self.layout.runs(tensors):
-                self.rt.d2h(out[pos:pos + n * itemsize], self.wire, o * itemsize, self.stream)
-                pos += n * itemsize
-        self.stream.synchronize()
-        return pos
+        encoded = self.rt.event()
+        encoded.record(self.stream)
+        self.copier.wait_event(encoded)
+        written = []
+        for o, n in self.layout.runs(tensors):
+            src, end = o * itemsize, pos + n * itemsize
+            while pos < end:
+                upto = min(end, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES)
+                self.rt.d2h(out[pos:upto], self.wire, src, self.copier)
+                src, pos = src + upto - pos, upto
+                if pos % CHUNK_BYTES == 0:
+                    written.append(self._mark(pos))
+        if not written or written[-1].end != pos:
+            written.append(self._mark(pos))
+        return written
+
+    def _mark(self, end: int) -> Written:
+        self.replied = self.rt.event()
+        self.replied.record(self.copier)
+        return Written(end, self.replied.synchronize)
 
     # ---- the host side ------------------------------------------------------------------
     def host(self) -> FlatState:
@@ -168,6 +190,7 @@ class DeviceState:
 
     def release(self) -> None:
         self.stream.synchronize()
+        self.copier.synchronize()
         self.param, self.fields, self.grads, self.slots = None, {}, {}, {}
         self.mean = self.wire = None
         self.rt.release_cached()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
 
 import numpy as np
 
@@ -34,6 +34,16 @@ class GradientReceiver(Protocol):
 
     def finish(self) -> bool:
         """Checks that the payload is complete; True when every value is finite."""
+
+
+class Written(NamedTuple):
+    """Reply bytes an `encode` has queued: `out[:end]` holds them once `wait()` returns."""
+    end: int
+    wait: Callable[[], None]
+
+
+def _written() -> None:
+    """The `wait` of bytes a host state wrote before encode returned."""
 
 
 class JobState(Protocol):
@@ -58,9 +68,12 @@ class JobState(Protocol):
     def reply_buffer(self, nbytes: int) -> np.ndarray:
         """A pooled uint8 host buffer for a reply (pinned where a device copies into it)."""
 
-    def encode(self, tensors: np.ndarray, dtype: int, out: np.ndarray, pos: int) -> int:
-        """Writes the parameters of `tensors` into `out` from byte `pos` on, as `dtype`;
-        returns where they end. `out` holds them when it returns."""
+    def encode(self, tensors: np.ndarray, dtype: int, out: np.ndarray, pos: int) -> list[Written]:
+        """Writes the parameters of `tensors` into `out` from byte `pos` on, as `dtype`, and
+        says when each piece is there, in order: a device copies them in the background,
+        chunk by chunk, so the first can be sent while later ones copy. A later encode, a
+        step or any other call may be made before they are there; `out` must live until the
+        last piece's wait() has returned."""
 
     def host(self) -> FlatState:
         """The state on the host, as of now (the live arrays of a host state, a fresh copy of
@@ -179,7 +192,7 @@ class HostState:
         for o, n in self.layout.runs(tensors):
             convert.encode(self.state.param[o:o + n], fmt, out[pos:pos + n * itemsize])
             pos += n * itemsize
-        return pos
+        return [Written(pos, _written)]
 
     def host(self) -> FlatState:
         return self.state

@@ -90,6 +90,20 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _compile_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    from optserve.kernels import cuda
+    from optserve.kernels.cuda_runtime import compile_kernels, kernel_cache
+    source = cuda.source()
+    for arch in args.arch:
+        start = time.perf_counter()
+        compile_kernels(source, arch)
+        print(f"sm_{arch}: {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"cached in {kernel_cache()}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from optserve.bench import run_bench
     return run_bench(args)
@@ -179,9 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"])
     demo.set_defaults(func=_demo)
 
+    kernels = sub.add_parser("compile-kernels", help="compile the CUDA kernels into the cache "
+                             "($OPTSERVE_KERNEL_CACHE) with NVRTC, no GPU needed (images do this)")
+    kernels.add_argument("--arch", type=int, nargs="+", required=True,
+                         help="compute capabilities, e.g. 80 90 (sm_80, sm_90)")
+    kernels.set_defaults(func=_compile_kernels)
+
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["kernels", "e2e", "load", "metrics"])
+    bench.add_argument("what", choices=["kernels", "e2e", "load", "metrics", "gpu"])
     bench.add_argument("--quick", action="store_true", help="a reduced set, for smoke checks")
+    bench.add_argument("--emulate", action="store_true",
+                       help="gpu: on the CuPy test double at toy sizes (CI), no GPU figures")
+    bench.add_argument("--source", default=None,
+                       help="gpu: the source checkout, for its tests (default: this package's)")
     bench.add_argument("--out", default=None,
                        help="results folder (default: bench/results in the source tree)")
     bench.set_defaults(func=_bench)

@@ -151,7 +151,7 @@ class Job:
         """Every parameter of the job, back to back as `dtype` bytes, in a pooled buffer."""
         every = np.arange(self.layout.num_tensors)
         out = self.state.reply_buffer(self.payload_bytes(every, WIRE_ITEMSIZE[dtype]))
-        self.state.encode(every, dtype, out, 0)
+        self.state.encode(every, dtype, out, 0)[-1].wait()
         return out
 
     # ---- membership ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ job's parameters in the wire dtype, encoded by its state into a pooled buffer) i
 chunks, each as soon as the step has written it."""
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from optserve.kernels.state import Written
 from optserve.proto.spec import DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
@@ -17,16 +19,17 @@ from optserve.proto.wire import RawChunk, chunked
 
 class Progress:
     """How much of a reply payload a running step has written, for the readers that stream
-    it meanwhile: each chunk goes out as soon as its parameters are stepped and encoded."""
+    it meanwhile: each chunk goes out as soon as its parameters are stepped, encoded and (on
+    a GPU) copied back."""
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._ready = 0
+        self._written: list[Written] = []    # ascending ends
         self._error: BaseException | None = None
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, written: Written) -> None:
         with self._cond:
-            self._ready = nbytes
+            self._written.append(written)
             self._cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -37,9 +40,15 @@ class Progress:
     def wait(self, nbytes: int) -> None:
         """Returns once the first `nbytes` are written; raises if the step failed first."""
         with self._cond:
-            self._cond.wait_for(lambda: self._ready >= nbytes or self._error is not None)
-            if self._ready < nbytes:
+            self._cond.wait_for(lambda: self._ready() >= nbytes or self._error is not None)
+            if self._ready() < nbytes:
                 raise RuntimeError(f"the step failed before its reply was written: {self._error!r}")
+            ends = [w.end for w in self._written]
+            written = self._written[bisect.bisect_left(ends, nbytes)]
+        written.wait()
+
+    def _ready(self) -> int:
+        return self._written[-1].end if self._written else 0
 
 
 @dataclass

@@ -12,6 +12,7 @@ done, everything else that reads or writes the state waits (`wait_idle`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optserve.kernels import Hyper, StepResult
+from optserve.kernels.state import Written
 from optserve.proto.spec import WIRE_ITEMSIZE, DropReason
 from optserve.proto.wire import CHUNK_BYTES
 from optserve.server.admission import Contribution
@@ -146,7 +148,7 @@ class Stepper:
         the stepper thread, it ends by letting the next step (or any reader) go."""
         job, progress = self.job, work.result.progress
         try:
-            result, seconds = self._step_parts(work)
+            result, seconds, last = self._step_parts(work)
             if not work.skip:
                 first = work.contributions[min(work.contributions)]
                 job.observer.stepped(job, StepReport(
@@ -162,7 +164,9 @@ class Stepper:
         else:
             self._checkpoint(work)
             if progress is not None:
-                progress.advance(len(work.result.payload))
+                progress.advance(last)
+            else:
+                last.wait()
         finally:
             if progress is not None:
                 with job.cond:
@@ -170,34 +174,42 @@ class Stepper:
                     self.reading -= set(work.contributions)
                     job.cond.notify_all()
 
-    def _step_parts(self, work: StepWork) -> tuple[StepResult | None, float]:
-        """The step's arithmetic and its reply; returns the backend's per-tensor result and
-        the seconds spent in the backend."""
+    def _step_parts(self, work: StepWork) -> tuple[StepResult | None, float, Written]:
+        """The step's arithmetic and its reply; returns the backend's per-tensor result, the
+        seconds spent in the backend, and the reply's last piece, held back from readers."""
         job = self.job
         progress, payload = work.result.progress, work.result.payload
-        result, seconds, pos = None, 0.0, 0
+        result, seconds, written = None, 0.0, []
         parts = self._parts(work.shown, WIRE_ITEMSIZE[job.param_dtype])
         senders = {w: c.local for w, c in work.contributions.items()}
-        for i, part in enumerate(parts):
-            if not work.skip:
-                start = time.perf_counter()
-                job.state.steps[part] += 1
-                try:
-                    out = job.state.step(job.spec.optimizer, senders, part, work.hyper, work.sums)
-                except BaseException:
-                    job.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
-                    raise
-                seconds += time.perf_counter() - start
-                if result is None:
-                    result = out
-                else:
-                    mask = np.zeros(job.layout.num_tensors, bool)
-                    mask[part] = True
-                    result.take(out, mask)
-            pos = job.state.encode(part, job.param_dtype, payload, pos)
-            if progress is not None and i < len(parts) - 1:   # the last waits for `run`
-                progress.advance(pos)
-        return result, seconds
+        try:
+            for i, part in enumerate(parts):
+                if not work.skip:
+                    start = time.perf_counter()
+                    job.state.steps[part] += 1
+                    try:
+                        out = job.state.step(job.spec.optimizer, senders, part, work.hyper, work.sums)
+                    except BaseException:
+                        job.state.steps[part] -= 1   # a backend that fails before it writes leaves no trace
+                        raise
+                    seconds += time.perf_counter() - start
+                    if result is None:
+                        result = out
+                    else:
+                        mask = np.zeros(job.layout.num_tensors, bool)
+                        mask[part] = True
+                        result.take(out, mask)
+                written = job.state.encode(part, job.param_dtype, payload,
+                                           written[-1].end if written else 0)
+                if progress is not None:    # the last piece waits for `run`
+                    for piece in written[:-1] if i == len(parts) - 1 else written:
+                        progress.advance(piece)
+        except BaseException:
+            if written:          # no copy may still write into the payload once it is let go
+                with contextlib.suppress(Exception):
+                    written[-1].wait()
+            raise
+        return result, seconds, written[-1]
 
     def _parts(self, local: np.ndarray, itemsize: int) -> list[np.ndarray]:
         """`local` as runs of whole tensors of at least one reply chunk each (one run when

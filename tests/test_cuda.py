@@ -11,6 +11,7 @@ The kernels' parity with the reference runs in tests/test_kernels.py, on the hos
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +67,24 @@ def test_compiled_kernels_are_cached_by_their_source(tmp_path):
     cuda_runtime.compile_kernels(edited, 90, "ptx", cache=tmp_path)
     assert len(list(tmp_path.glob("*.ptx"))) == 2
     assert sorted(p.read_text() for p in tmp_path.glob("*.cu")) == sorted([cuda.source(), edited])
+
+
+def test_compile_kernels_warms_the_cache_a_shard_loads(tmp_path, monkeypatch):
+    """`optserve compile-kernels`, as the shard image runs it at build time: the cubins land
+    where a shard with the same OPTSERVE_KERNEL_CACHE looks, and it compiles nothing."""
+    nvrtc = _nvrtc()
+    env = {**os.environ, "OPTSERVE_KERNEL_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "optserve", "compile-kernels", "--arch", "80", "90"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(tmp_path.glob("*.cubin"))) == 2
+
+    def no_compiling(*args):
+        raise AssertionError("compiled although the cache was warm")
+    monkeypatch.setattr(nvrtc, "compileProgram", no_compiling)
+    monkeypatch.setenv("OPTSERVE_KERNEL_CACHE", str(tmp_path))
+    for arch in (80, 90):
+        assert cuda_runtime.compile_kernels(cuda.source(), arch)[:4] == b"\x7fELF"
 
 
 def test_nvrtc_reports_a_broken_kernel_at_its_file_and_line(tmp_path):

@@ -228,6 +228,25 @@ def test_images_copy_every_package_folder():
         assert re.search(r"^USER (?!root)", text, re.M), f"{dockerfile} runs as root"
 
 
+def test_one_cuda_major_everywhere():
+    """The image's CUDA, its CuPy wheel, the `cuda` extra and CI's NVRTC check agree: a
+    kernel CI compiled with one major and a shard ran with another would be two binaries."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    image = (DEPLOY / "shard.Dockerfile").read_text()
+    majors = {
+        "image": re.search(r"^FROM nvidia/cuda:(\d+)\.", image, re.M).group(1),
+        "image cupy": re.search(r"cupy-cuda(\d+)x", image).group(1),
+        "cuda extra": re.search(r"cupy-cuda(\d+)x", " ".join(extras["cuda"])).group(1),
+        "nvrtc-check cupy": re.search(r"cupy-cuda(\d+)x", " ".join(extras["nvrtc-check"])).group(1),
+        "nvrtc-check nvrtc": re.search(r"nvidia-cuda-nvrtc>=(\d+),<(\d+)",
+                                       " ".join(extras["nvrtc-check"])).group(1),
+    }
+    assert len(set(majors.values())) == 1, majors
+    assert re.search(r"^RUN optserve compile-kernels --arch .*\b90\b", image, re.M), \
+        "the image does not warm the kernel cache for Hopper"
+
+
 # --- the tools' own checks ----------------------------------------------------------------------
 
 def test_promtool_checks_and_unit_tests_the_alert_rules():

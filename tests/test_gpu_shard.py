@@ -82,7 +82,9 @@ def test_device_memory_and_pcie_traffic_are_metrics():
         assert 2 * n <= moved["h2d"] < 2 * n + 8192 and 2 * n <= moved["d2h"] < 2 * n + 8192
         assert after[("optserve_device_memory_bytes", (("kind", "device"),))] > 4 * 4 * n
         assert after[("optserve_device_memory_bytes", (("kind", "pinned"),))] > 0
-        opt.close()
+        opt.delete_job()          # DeleteJob gives the job's device memory back
+        gone = scrape(port)[("optserve_device_memory_bytes", (("kind", "device"),))]
+        assert gone <= after[("optserve_device_memory_bytes", (("kind", "device"),))] - 4 * 4 * n
     finally:
         server.stop(grace=0)
 

@@ -102,19 +102,57 @@ def test_the_reply_is_encoded_on_the_device_as_the_reference_encodes(device, wir
     state = device.new_state(layout, values)
     every = np.arange(layout.num_tensors)
     out = state.reply_buffer(layout.numel * WIRE_ITEMSIZE[WIRES[wire]])
-    assert state.encode(every, WIRES[wire], out, 0) == out.size
+    written = state.encode(every, WIRES[wire], out, 0)
+    assert written[-1].end == out.size
+    written[-1].wait()
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(out, wire_bytes(values, WIRES[wire]))
     # A part: only its tensors, back to back from `pos`.
     part = np.array([1, 3])
     out = state.reply_buffer(8 + int(layout.sizes[part].sum()) * WIRE_ITEMSIZE[WIRES[wire]])
     out[:8] = 7
-    state.encode(part, WIRES[wire], out, 8)
+    state.encode(part, WIRES[wire], out, 8)[-1].wait()
     with np.errstate(over="ignore"):
         want = wire_bytes(np.concatenate([layout.param_view(values, k).reshape(-1) for k in part]),
                           WIRES[wire])
     assert (out[:8] == 7).all()
     np.testing.assert_array_equal(out[8:], want)
+
+
+def test_the_reply_is_copied_back_chunk_by_chunk(device, monkeypatch):
+    """Each reply chunk has its own event: once a piece's wait() returns, the payload up to
+    its end is in place, whatever the later pieces are doing."""
+    from optserve.kernels import cuda_state
+    monkeypatch.setattr(cuda_state, "CHUNK_BYTES", 4096)
+    layout, params, _ = job("adamw")
+    state = device.new_state(layout, params)
+    every = np.arange(layout.num_tensors)
+    out = state.reply_buffer(2 * layout.numel + 100)
+    written = state.encode(every, pb.BFLOAT16, out, 100)
+    want = wire_bytes(params, pb.BFLOAT16)
+    assert [w.end for w in written] == [*range(4096, out.size, 4096), out.size]
+    for w in written:
+        w.wait()
+        np.testing.assert_array_equal(out[100:w.end], want[:w.end - 100])
+
+
+def test_a_reply_still_copying_keeps_the_values_it_was_encoded_from(device):
+    """The next step's encoding must not overwrite what an earlier reply has yet to copy."""
+    layout, params, hyper = job("adamw")
+    state = device.new_state(layout, params)
+    every = np.arange(layout.num_tensors)
+    first = state.reply_buffer(4 * layout.numel)
+    pending = state.encode(every, pb.FLOAT32, first, 0)
+    send(state, 0, pb.FLOAT32, every, np.ones(layout.numel, np.float32), chunk=1 << 16)
+    state.steps[:] += 1
+    state.step("adamw", {0: every}, every, hyper, sums=True)
+    second = state.reply_buffer(4 * layout.numel)
+    done = state.encode(every, pb.FLOAT32, second, 0)[-1]
+    state.host()                   # a checkpoint now: the job's stream runs to here
+    pending[-1].wait()
+    done.wait()
+    np.testing.assert_array_equal(first.view(np.float32), params)
+    assert not np.array_equal(second.view(np.float32), params)
 
 
 def test_a_nonfinite_gradient_is_found_in_its_tensor(device):
@@ -158,7 +196,7 @@ def test_a_step_moves_the_wire_bytes_over_pcie_and_little_else(device):
         send(state, 0, pb.BFLOAT16, every, grad, chunk=1 << 20)
         state.steps[:] += 1
         state.step("adamw", {0: every}, every, hyper, sums=True)
-        state.encode(every, pb.BFLOAT16, out, 0)
+        state.encode(every, pb.BFLOAT16, out, 0)[-1].wait()
         h2d, d2h = (rt.copied[k] - before[k] for k in ("h2d", "d2h"))
         small = 256 * layout.num_tensors + 4096    # coefficients, masks, sums, counts
         assert 2 * layout.numel <= h2d <= 2 * layout.numel + small, (step, h2d)

@@ -33,6 +33,10 @@ _POISON_BYTE = 0xFF             # NaN in every float width, -1 in every integer 
 EMULATION = pathlib.Path(__file__).resolve().parents[2] / "emulation"
 TOTAL_MEMORY = int(os.environ.get("FAKE_CUPY_MEMORY", 8 << 30))
 _lock = threading.RLock()
+# Held while any stream runs its work, one op at a time: a stream's work stays in order, and a
+# wait on another stream's event runs that stream's work in the same thread (a lock per
+# stream would deadlock two threads that each wait on the other's stream, which a GPU does not).
+_running = threading.RLock()
 
 
 class _Faults:
@@ -180,7 +184,6 @@ class Stream:
         self.null = null
         self.non_blocking = non_blocking
         self.ops: list = []
-        self.running = threading.RLock()    # a stream's work runs in order, one op at a time
         if null:
             self.ptr = 0
         else:
@@ -198,7 +201,7 @@ class Stream:
 
     def run_until(self, done=lambda: False) -> None:
         """Runs queued work in order until `done()` or none is left."""
-        with self.running:
+        with _running:
             while not done():
                 with _lock:
                     if not self.ops:
@@ -270,17 +273,20 @@ class Event:
 
 
 # ---- copies ----------------------------------------------------------------------------------
-def copy(dst: int, src: int, nbytes: int, to_device: bool, stream: Stream) -> None:
-    """cudaMemcpyAsync. Page-locked memory is read or written when the copy runs; pageable
-    host memory is read at once (the driver stages it) or written once the stream has run
-    up to the copy (a copy into pageable memory returns when it is done)."""
+def copy(dst: int, src: int, nbytes: int, to_device: bool, stream: Stream,
+         from_device: bool | None = None) -> None:
+    """cudaMemcpyAsync, host to device (`to_device`), device to host, or device to device
+    (both). Page-locked memory is read or written when the copy runs; pageable host memory is
+    read at once (the driver stages it) or written once the stream has run up to the copy
+    (a copy into pageable memory returns when it is done)."""
     if nbytes == 0:
         return
+    from_device = not to_device if from_device is None else from_device
     dst_owner, dst_kind = find(dst, nbytes)
     src_owner, src_kind = find(src, nbytes)
-    device_side = (dst_kind if to_device else src_kind)
-    if device_side != "device":
-        raise CUDARuntimeError(1, f"memcpyAsync: {hex(dst if to_device else src)} is not device memory")
+    for address, kind, wanted in ((dst, dst_kind, to_device), (src, src_kind, from_device)):
+        if wanted and kind != "device":
+            raise CUDARuntimeError(1, f"memcpyAsync: {hex(address)} is not device memory")
     if to_device and src_kind == "pageable":
         staged = np.frombuffer((ctypes.c_char * nbytes).from_address(src), np.uint8).copy()
         src, src_owner = staged.ctypes.data, staged

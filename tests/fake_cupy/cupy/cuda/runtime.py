@@ -3,6 +3,7 @@ from cupy._engine import POOL, TOTAL_MEMORY, CUDARuntimeError, copy, stream_of, 
 
 memcpyHostToDevice = 1
 memcpyDeviceToHost = 2
+memcpyDeviceToDevice = 3
 
 
 def getDeviceCount() -> int:
@@ -31,11 +32,12 @@ def deviceSynchronize() -> None:
 
 
 def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None:
-    if kind not in (memcpyHostToDevice, memcpyDeviceToHost):
+    if kind not in (memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice):
         raise CUDARuntimeError(21, f"memcpy kind {kind} is not one the double knows")
-    copy(dst, src, size, kind == memcpyHostToDevice, stream_of(stream))
+    copy(dst, src, size, kind != memcpyDeviceToHost, stream_of(stream),
+         from_device=kind != memcpyHostToDevice)
 
 
 __all__ = ["CUDARuntimeError", "deviceSynchronize", "driverGetVersion", "getDeviceCount",
-           "getDeviceProperties", "memGetInfo", "memcpyAsync", "memcpyDeviceToHost",
+           "getDeviceProperties", "memGetInfo", "memcpyAsync", "memcpyDeviceToDevice", "memcpyDeviceToHost",
            "memcpyHostToDevice", "runtimeGetVersion"]
