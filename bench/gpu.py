@@ -15,7 +15,8 @@ Sections, each timed, each kept when a later one fails (the JSON is rewritten af
                 against a device-to-device copy of its 28 bytes per parameter
   transfers     host to device and back, page-locked against pageable memory
   e2e           a loopback run of 2 workers (sync, bfloat16 on the wire) at 10M and 100M
-                parameters against a `--device cuda` shard and a `--device cpu` shard
+                parameters against a `--device cuda` shard and a `--device cpu` shard (whose
+                kernels use every core: the workers run torch on one thread each)
   crash         a `--device cuda` shard killed with SIGKILL mid-training and restarted: the
                 client rolls back to the last checkpoint and goes on from there
 
@@ -78,17 +79,23 @@ class Run:
     def left(self) -> float:
         return BUDGET_S - (time.monotonic() - self.started)
 
-    def section(self, name: str, fn: Callable[["Run"], dict]) -> None:
+    def section(self, name: str, fn: Callable[["Run", dict], None]) -> None:
+        """Runs fn(run, result), which appends to result["records"] as it measures: what it
+        measured stays when it fails part way."""
         print(f"== {name} ({self.left():.0f} s of the budget left)", flush=True)
         start = time.monotonic()
+        result = self.sections[name] = dict(records=[], notes=[])
         try:
-            result = fn(self)
+            fn(self, result)
         except Exception as e:    # one failed section must not lose the others
             traceback.print_exc()
-            result = dict(error=f"{type(e).__name__}: {e}")
+            result["error"] = f"{type(e).__name__}: {e}"
         result["seconds"] = round(time.monotonic() - start, 1)
-        self.sections[name] = result
         self.write()
+
+    def within(self, reserve: float, cap: float) -> float:
+        """A subprocess's timeout: at most `cap`, leaving `reserve` of the budget."""
+        return max(30.0, min(cap, self.left() - reserve))
 
     def write(self) -> None:
         path = self.out / f"{self.stem}.json"
@@ -101,7 +108,7 @@ class Run:
 
 
 # ---- environment -------------------------------------------------------------------------------
-def environment(run: Run) -> dict:
+def environment(run: Run, result: dict) -> None:
     import cupy
     from cupy_backends.cuda.libs import nvrtc
 
@@ -141,44 +148,53 @@ def environment(run: Run) -> dict:
         finally:
             del os.environ["OPTSERVE_KERNEL_CACHE"]
     run.meta.update(env)
-    return dict(records=[env])
+    result["records"].append(env)
 
 
 # ---- tests and sanitizer -----------------------------------------------------------------------
-def tests(run: Run) -> dict:
+def tests(run: Run, result: dict) -> None:
     folder = run.meta["source"] / "tests"
     if run.emulate or not folder.is_dir():
-        return dict(skipped="emulated: CI runs these itself" if run.emulate
-                    else f"no tests folder under {run.meta['source']}")
+        result["skipped"] = ("emulated: CI runs these itself" if run.emulate
+                             else f"no tests folder under {run.meta['source']}")
+        return
     log = run.logs / "tests.log"
     # From tests/: the checkout's optserve/ folder must not shadow the installed package.
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS,
             "test_kernels.py", "-k", "gpu or not test_kernels"]
-    proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True,
-                          timeout=max(60, min(240, run.left() - 240)))
-    log.write_text(proc.stdout + proc.stderr)
-    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return dict(records=[dict(returncode=proc.returncode, summary=summary, log=log.name)])
+    try:
+        proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True,
+                              timeout=run.within(reserve=330, cap=200))
+        output, returncode = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        output, returncode = _text(e.stdout) + _text(e.stderr) + "\n(timed out)", None
+    log.write_text(output)
+    summary = (output.strip().splitlines() or ["(no output)"])[-1]
+    result["records"].append(dict(returncode=returncode, summary=summary, log=log.name))
 
 
-def sanitizer(run: Run) -> dict:
+def sanitizer(run: Run, result: dict) -> None:
     tool = shutil.which("compute-sanitizer")
     if run.emulate or tool is None:
-        return dict(skipped="emulated" if run.emulate else "compute-sanitizer is not installed")
-    records = []
+        result["skipped"] = "emulated" if run.emulate else "compute-sanitizer is not installed"
+        return
     for check in ("memcheck", "racecheck"):
         argv = [tool, "--tool", check, "--error-exitcode", "3", sys.executable, "-m",
                 "optserve.bench.gpu", "sanitize-target"]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=150)
-            lines = (proc.stdout + proc.stderr).strip().splitlines()
-            summary = next((ln for ln in reversed(lines) if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln),
-                           lines[-1] if lines else "")
-            records.append(dict(tool=check, returncode=proc.returncode, summary=summary.strip()))
-            (run.logs / f"{check}.log").write_text("\n".join(lines[-200:]))
-        except subprocess.TimeoutExpired:
-            records.append(dict(tool=check, returncode=None, summary="timed out after 150 s"))
-    return dict(records=records)
+            proc = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=run.within(reserve=300, cap=100))
+            output, returncode = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            output, returncode = _text(e.stdout) + _text(e.stderr) + "\n(timed out)", None
+        lines = output.strip().splitlines()
+        summary = next((ln for ln in reversed(lines) if "SUMMARY" in ln), lines[-1] if lines else "")
+        result["records"].append(dict(tool=check, returncode=returncode, summary=summary.strip()))
+        (run.logs / f"{check}.log").write_text("\n".join(lines[-200:]))
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def sanitize_target() -> None:
@@ -189,6 +205,8 @@ def sanitize_target() -> None:
     from optserve.proto.optimizers import REGISTRY, group_to_proto
     from optserve.proto.v1 import optserve_pb2 as pb
     from optserve.proto.wire import chunked
+    import cupy
+    cupy.cuda.set_allocator(None)   # no pool: memcheck then knows every allocation's bounds
     shapes = [(33, 17), (7,), (300, 301), (2, 3, 4, 5), (129,), (1,), (64, 1024)]
     rng = np.random.default_rng(0)
     for optimizer in OPTIMIZERS:
@@ -263,64 +281,77 @@ def _copy(rt, nbytes: int):
     return (src, dst), step, stream.synchronize
 
 
-def kernels(run: Run) -> dict:
-    from optserve.bench.kernels import BYTES_PER_PARAM, interleaved, shapes_for
+def kernels(run: Run, result: dict) -> None:
+    from optserve.bench.kernels import shapes_for
     from optserve.kernels import cuda
     rt = cuda.runtime()
     peers = bool(run.meta.get("torch_cuda")) and not run.emulate
-    if peers:
-        import torch
     sizes = EMULATED_SIZES if run.emulate else SIZES
     largest = max(sum(math.prod(s) for s in shapes_for(layout, n))
                   for n in sizes.values() for layout in LAYOUTS)
     rng = np.random.default_rng(0)      # one draw for every job: 1.07B normals take a while
     params = rng.random(largest, dtype=np.float32) - np.float32(0.5)
     grad = rng.random(largest, dtype=np.float32) - np.float32(0.5)
-    records, notes = [], []
+    records = result["records"]
     for label, n in sizes.items():
         for layout in LAYOUTS:
             for optimizer in OPTIMIZERS:
                 if run.left() < 200:
-                    notes.append(f"stopped before {optimizer} {layout} {label}: the budget")
-                    return dict(records=records, notes=notes)
-                shapes = shapes_for(layout, n)
-                numel = sum(math.prod(s) for s in shapes)
-                keep, sync_torch = [], (torch.cuda.synchronize if peers else (lambda: None))
-                state, step = _optserve(optimizer, shapes, params, grad)
-                steps = {"optserve": (step(False), state.stream.synchronize),
-                         "optserve+sums": (step(True), state.stream.synchronize)}
-                if peers:
-                    opt, peer_step = _peer(optimizer, shapes)
-                    keep.append(opt)
-                    steps[PEER[optimizer]] = (peer_step, sync_torch)
-                if optimizer == "adamw":
-                    free = rt.memory()[0]
-                    copy_bytes = 14 * numel
-                    if 2 * copy_bytes < 0.8 * free:
-                        buffers, copy_step, copy_sync = _copy(rt, copy_bytes)
-                        keep.append(buffers)
-                        steps["copy (28 B/param)"] = (copy_step, copy_sync)
-                    else:
-                        notes.append(f"no copy at {label} {layout}: {2 * copy_bytes / 1e9:.0f} GB "
-                                     f"would not fit in {free / 1e9:.0f} GB free")
-                reps = 3 if run.emulate else (7 if numel > 1e8 else 15)
-                for impl, t in interleaved(steps, reps, warmup=2).items():
-                    per_param = 28 if impl.startswith("copy") else BYTES_PER_PARAM[optimizer]
-                    rate = numel / (t.ms / 1e3)
-                    rec = dict(optimizer=optimizer, impl=impl, size=label, params=numel,
-                               tensors=len(shapes), layout=layout, ms=t.ms, reps=t.reps,
-                               params_per_s=rate, gb_per_s=rate * per_param / 1e9)
-                    records.append(rec)
-                    print(f"{optimizer:>9} {impl:<22} {layout:<17} {label:>5} {t.ms:9.3f} ms "
-                          f"{rec['gb_per_s']:8.1f} GB/s", flush=True)
-                state.release()
-                del state, steps, keep
-                gc.collect()
-                if peers:
-                    torch.cuda.empty_cache()
-                rt.release_cached()
-    _ratios(records)
-    return dict(records=records, notes=notes)
+                    result["notes"].append(f"stopped before {optimizer} {layout} {label}: the budget")
+                    return
+                try:
+                    records += _measure(rt, optimizer, layout, label, shapes_for(layout, n),
+                                        params, grad, peers, run.emulate, result["notes"])
+                except Exception as e:   # out of memory at 1.07B, say: the other sizes stand
+                    traceback.print_exc()
+                    result["notes"].append(f"{optimizer} {layout} {label} failed: "
+                                           f"{type(e).__name__}: {e}")
+                finally:                 # _measure's arrays are gone: give their memory back
+                    gc.collect()
+                    if peers:
+                        import torch
+                        torch.cuda.empty_cache()
+                    rt.release_cached()
+                _ratios(records)
+                run.write()
+
+
+def _measure(rt, optimizer: str, layout: str, label: str, shapes, params, grad, peers: bool,
+             emulate: bool, notes: list) -> list[dict]:
+    """One optimizer, layout and size: optserve with the sums off and on, its CUDA peer, and
+    for AdamW a copy of its bytes, in interleaved rounds."""
+    from optserve.bench.kernels import BYTES_PER_PARAM, interleaved
+    numel = sum(math.prod(s) for s in shapes)
+    state, step = _optserve(optimizer, shapes, params, grad)
+    steps = {"optserve": (step(False), state.stream.synchronize),
+             "optserve+sums": (step(True), state.stream.synchronize)}
+    if peers:
+        import torch
+        _opt, peer_step = _peer(optimizer, shapes)
+        steps[PEER[optimizer]] = (peer_step, torch.cuda.synchronize)
+    if optimizer == "adamw":
+        free = rt.memory()[0]
+        copy_bytes = 14 * numel       # read + write: AdamW's 28 bytes per parameter
+        if 2 * copy_bytes < 0.8 * free:
+            _buffers, copy_step, copy_sync = _copy(rt, copy_bytes)
+            steps["copy (28 B/param)"] = (copy_step, copy_sync)
+        else:
+            notes.append(f"no copy at {label} {layout}: {2 * copy_bytes / 1e9:.0f} GB would not "
+                         f"fit in {free / 1e9:.0f} GB free")
+    reps = 3 if emulate else (7 if numel > 1e8 else 15)
+    records = []
+    try:
+        for impl, t in interleaved(steps, reps, warmup=2).items():
+            per_param = 28 if impl.startswith("copy") else BYTES_PER_PARAM[optimizer]
+            rate = numel / (t.ms / 1e3)
+            records.append(dict(optimizer=optimizer, impl=impl, size=label, params=numel,
+                                tensors=len(shapes), layout=layout, ms=t.ms, reps=t.reps,
+                                params_per_s=rate, gb_per_s=rate * per_param / 1e9))
+            print(f"{optimizer:>9} {impl:<22} {layout:<17} {label:>5} {t.ms:9.3f} ms "
+                  f"{records[-1]['gb_per_s']:8.1f} GB/s", flush=True)
+    finally:
+        state.release()
+    return records
 
 
 def _ratios(records: list[dict]) -> None:
@@ -336,14 +367,14 @@ def _ratios(records: list[dict]) -> None:
 
 
 # ---- transfers ---------------------------------------------------------------------------------
-def transfers(run: Run) -> dict:
+def transfers(run: Run, result: dict) -> None:
     from optserve.kernels import cuda
     rt = cuda.runtime()
     nbytes = EMULATED_TRANSFER_BYTES if run.emulate else TRANSFER_BYTES
     dev = rt.empty(nbytes, np.uint8)
     stream = rt.stream()
     hosts = {"pinned": rt.pinned(nbytes), "pageable": np.ones(nbytes, np.uint8)}
-    records = []
+    records = result["records"]
     for kind, host in hosts.items():
         for direction in ("h2d", "d2h"):
             times = []
@@ -358,24 +389,24 @@ def transfers(run: Run) -> dict:
             s = _common.median(times)
             records.append(dict(memory=kind, direction=direction, bytes=nbytes, ms=1e3 * s,
                                 gb_per_s=nbytes / s / 1e9))
-    return dict(records=records)
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-def e2e(run: Run) -> dict:
+def e2e(run: Run, result: dict) -> None:
     from optserve import local
     from optserve.bench import e2e as e2e_bench
     models = ([e2e_bench.Model("toy", 64, 2)] if run.emulate
               else [e2e_bench.MODELS["10M"], e2e_bench.MODELS["100M"]])
     steps = {"toy": (1, 2), "10M": (2, 10), "100M": (1, 5)}
     log_dir = run.logs
-    records = []
+    records = result["records"]
     with e2e_bench.WorkerPool(2) as pool:
         for model in models:
             case = e2e_bench.Case(model, 1, 2, "bfloat16", *steps[model.label])
             for backend in ("cpu", "cuda"):
                 if run.left() < 90:
-                    return dict(records=records, notes=["stopped early: the budget"])
+                    result["notes"].append("stopped early: the budget")
+                    return
                 argv = local.shard_command("--device", backend)
                 tag = f"{backend}-{model.label}"
                 with e2e_bench.Servers(argv, 1, log_dir, tag) as shards:
@@ -385,17 +416,20 @@ def e2e(run: Run) -> dict:
                                           run.meta.get("device", "?"), 1)
                 rec["backend"] = backend
                 records.append(rec)
+                _speedups(records)
                 print(f"e2e {model.label:>5} --device {backend:<4} {rec['step_ms_median']:9.1f} ms/step",
                       flush=True)
+
+
+def _speedups(records: list[dict]) -> None:
     for r in records:
-        if r["backend"] == "cuda":
-            cpu = next(c for c in records if c["backend"] == "cpu" and c["params"] == r["params"])
-            r["speedup_over_cpu"] = cpu["step_ms_median"] / r["step_ms_median"]
-    return dict(records=records)
+        cpu = [c for c in records if c["backend"] == "cpu" and c["params"] == r["params"]]
+        if r["backend"] == "cuda" and cpu:
+            r["speedup_over_cpu"] = cpu[0]["step_ms_median"] / r["step_ms_median"]
 
 
 # ---- crash and restore --------------------------------------------------------------------------
-def crash(run: Run) -> dict:
+def crash(run: Run, result: dict) -> None:
     import torch
 
     from optserve import local
@@ -448,9 +482,9 @@ def crash(run: Run) -> dict:
         finally:
             opt.close()
             shard.stop()
-    ok = record["rolled_back_to"] == 4 and record["parameters_restored"] and record["version_after"] == 5
-    record["ok"] = ok
-    return dict(records=[record])
+    record["ok"] = (record["rolled_back_to"] == 4 and record["parameters_restored"]
+                    and record["version_after"] == 5)
+    result["records"].append(record)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -459,8 +493,8 @@ def markdown(run: Run) -> list[str]:
     for name, section in run.sections.items():
         text = f"## {name} ({section.get('seconds', '?')} s)\n\n"
         if "error" in section:
-            text += f"Failed: `{section['error']}`"
-        elif "skipped" in section:
+            text += f"Failed: `{section['error']}`\n\n"
+        if "skipped" in section:
             text += f"Skipped: {section['skipped']}."
         else:
             records = section.get("records", [])

@@ -208,7 +208,9 @@ class CupyRuntime:
         return self.cp.cuda.Stream(non_blocking=True)
 
     def event(self):
-        return self.cp.cuda.Event(block=False, disable_timing=True)
+        """An event the host can wait on asleep (block=True: a busy wait would hold a core
+        per waiting gRPC thread)."""
+        return self.cp.cuda.Event(block=True, disable_timing=True)
 
     def pinned(self, nbytes: int) -> np.ndarray:
         """`nbytes` of page-locked host memory as a uint8 array; it goes back to CuPy's pool

@@ -17,6 +17,7 @@ Host copies of the state exist only for checkpoints and the state RPCs (`host`, 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
@@ -137,26 +138,33 @@ class DeviceState:
             self.wire = self.rt.empty(self.layout.numel * 4, np.uint8)
         plan = cuda.plan(self.layout, View.FLAT)
         dev = cuda.on_device(self.rt, plan)
-        with self.stream:
-            if self.replied is not None:    # the last reply's copies have read `wire`
-                self.stream.wait_event(self.replied)
-            self.rt.launch("encode_wire", len(plan.tiles), cuda.BLOCK,
-                           (dev["tiles"], dev["tinfo"], self._mask(tensors), self.param,
-                            self.wire, _KIND[dtype]))
-        encoded = self.rt.event()
-        encoded.record(self.stream)
-        self.copier.wait_event(encoded)
-        written = []
-        for o, n in self.layout.runs(tensors):
-            src, end = o * itemsize, pos + n * itemsize
-            while pos < end:
-                upto = min(end, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES)
-                self.rt.d2h(out[pos:upto], self.wire, src, self.copier)
-                src, pos = src + upto - pos, upto
-                if pos % CHUNK_BYTES == 0:
-                    written.append(self._mark(pos))
-        if not written or written[-1].end != pos:
-            written.append(self._mark(pos))
+        try:
+            with self.stream:
+                # A new reply (pos 0) may overwrite what the last one has yet to copy; the
+                # parts of one reply write apart.
+                if pos == 0 and self.replied is not None:
+                    self.stream.wait_event(self.replied)
+                self.rt.launch("encode_wire", len(plan.tiles), cuda.BLOCK,
+                               (dev["tiles"], dev["tinfo"], self._mask(tensors), self.param,
+                                self.wire, _KIND[dtype]))
+            encoded = self.rt.event()
+            encoded.record(self.stream)
+            self.copier.wait_event(encoded)
+            written = []
+            for o, n in self.layout.runs(tensors):
+                src, end = o * itemsize, pos + n * itemsize
+                while pos < end:
+                    upto = min(end, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES)
+                    self.rt.d2h(out[pos:upto], self.wire, src, self.copier)
+                    src, pos = src + upto - pos, upto
+                    if pos % CHUNK_BYTES == 0:
+                        written.append(self._mark(pos))
+            if not written or written[-1].end != pos:
+                written.append(self._mark(pos))
+        except BaseException:
+            with contextlib.suppress(Exception):   # no copy may outlive `out` unseen
+                self.copier.synchronize()
+            raise
         return written
 
     def _mark(self, end: int) -> Written:

@@ -147,6 +147,7 @@ class Stepper:
         only then, so a worker whose step has returned sees its metrics and checkpoint. On
         the stepper thread, it ends by letting the next step (or any reader) go."""
         job, progress = self.job, work.result.progress
+        last = None
         try:
             result, seconds, last = self._step_parts(work)
             if not work.skip:
@@ -155,6 +156,9 @@ class Stepper:
                     seconds, work.active, result, first.groups, len(work.contributions),
                     first.staleness, work.version, job.lr_divisor(first.staleness)))
         except BaseException as exc:
+            if last is not None:   # no copy may still write into the payload once it is let go
+                with contextlib.suppress(Exception):
+                    last.wait()
             if progress is None:
                 raise
             log.exception("job %r: step to version %d failed", job.name, work.version)

@@ -3,6 +3,7 @@ and the runtimes of the CUDA backend."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -53,6 +54,18 @@ def cupy_double():
         skip_or_fail("no C++ compiler for the CUDA host emulation")
     import cupy
     return cupy
+
+
+@pytest.fixture(autouse=True)
+def no_device_misuse():
+    """Fails a test in which the CuPy test double saw a misuse that a GPU would not report
+    (a copy on page-locked memory given back before the copy ran)."""
+    yield
+    engine = sys.modules.get("cupy._engine")
+    if engine is not None and engine.violations:
+        found = list(engine.violations)
+        engine.violations.clear()
+        pytest.fail("the CuPy test double saw: " + "; ".join(found))
 
 
 @pytest.fixture

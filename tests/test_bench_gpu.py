@@ -26,7 +26,7 @@ def emulated(cupy_double):
 def test_the_emulated_run_measures_every_section(emulated, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "optserve", "bench", "gpu", "--emulate",
                            "--out", str(tmp_path), "--source", str(ROOT)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu-emulated.json").read_text())
     sections = result["sections"]

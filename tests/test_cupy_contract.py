@@ -95,8 +95,8 @@ def test_a_device_to_device_copy_is_ordered_on_its_stream(cp, pinned):
     values = np.random.default_rng(2).standard_normal(1 << 14).astype(np.float32)
     stream = cp.cuda.Stream(non_blocking=True)
     a, b = cp.empty(values.size, np.float32), cp.empty(values.size, np.float32)
-    back = pinned(np.zeros_like(values))
-    h2d(cp, a, pinned(values), stream)
+    src, back = pinned(values), pinned(np.zeros_like(values))   # alive until the copies ran
+    h2d(cp, a, src, stream)
     cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, a.nbytes,
                                 cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
     d2h(cp, back, b, stream)
@@ -110,7 +110,8 @@ def test_a_copy_into_pageable_memory_is_done_when_it_returns(cp, pinned):
     values = np.arange(4096, dtype=np.float32)
     stream = cp.cuda.Stream(non_blocking=True)
     dev = cp.empty(values.size, np.float32)
-    h2d(cp, dev, pinned(values), stream)
+    src = pinned(values)
+    h2d(cp, dev, src, stream)
     out = np.zeros_like(values)
     d2h(cp, out, dev, stream)
     np.testing.assert_array_equal(out, values)

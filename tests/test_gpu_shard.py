@@ -146,3 +146,33 @@ def test_the_cli_takes_a_gpu_and_a_device_memory_cap():
     help_text = subprocess.run([sys.executable, "-m", "optserve", "server", "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--gpu" in help_text and "--max-device-bytes" in help_text
+
+
+def test_a_step_that_fails_after_its_reply_was_queued_lets_no_copy_outlive_it(monkeypatch):
+    """The metrics of a step fail after its reply's copies were queued: the reply buffer is
+    let go (and may be reused) only once they have run."""
+    from support import steps_in_parts
+    steps_in_parts(monkeypatch)
+    server = ShardServer(ShardConfig(port=0, device="cuda")).start()
+    try:
+        model = make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="late",
+                              retries=0)
+        train(model, opt, 1)
+        stepped = server.store.observer.stepped
+        calls = []
+
+        def fail_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a metrics failure")
+            return stepped(*args)
+        monkeypatch.setattr(server.store.observer, "stepped", fail_once)
+        with pytest.raises(Exception):
+            train(model, opt, 1)
+        job = server.store.job("late")
+        job.stepper._thread.submit(lambda: None).result()   # the failed step's run has returned
+        assert job.state.replied.done, "a copy into the failed step's reply is still pending"
+        train(model, opt, 1)
+    finally:
+        server.stop(grace=0)

@@ -11,6 +11,8 @@ It is stricter than a GPU where a GPU would only sometimes fail:
   memory given back to the pool is poisoned;
 - device buffers have poisoned guard zones, checked after every kernel;
 - the pool's limit raises OutOfMemoryError, as CuPy's does;
+- a copy that runs after its page-locked buffer was given back fails, and is recorded in
+  `violations`;
 - FAKE_CUPY_FAULT_AT=n makes the n-th kernel to run fail with an illegal address, and every
   kernel and copy after it, as a sticky CUDA error does.
 """
@@ -37,6 +39,7 @@ _lock = threading.RLock()
 # wait on another stream's event runs that stream's work in the same thread (a lock per
 # stream would deadlock two threads that each wait on the other's stream, which a GPU does not).
 _running = threading.RLock()
+violations: list[str] = []    # misuses a GPU would not report (tests/conftest.py checks it)
 
 
 class _Faults:
@@ -291,10 +294,20 @@ def copy(dst: int, src: int, nbytes: int, to_device: bool, stream: Stream,
         staged = np.frombuffer((ctypes.c_char * nbytes).from_address(src), np.uint8).copy()
         src, src_owner = staged.ctypes.data, staged
 
+    # Device memory and staged pageable memory stay alive until the copy has run. Page-locked
+    # memory does not (CUDA keeps nothing alive): a copy that runs after its page-locked
+    # buffer was given back is an error, as on a GPU it would write into whatever reuses it.
+    pinned = [weakref.ref(o) for o, k in ((dst_owner, dst_kind), (src_owner, src_kind)) if k == "pinned"]
+
     def run():
         _Faults.check()
+        if any(ref() is None for ref in pinned):
+            message = (f"a copy of {nbytes} bytes ran on page-locked memory that was given back "
+                       "before it ran")
+            violations.append(message)
+            raise RuntimeError(f"CuPy test double: {message}")
         ctypes.memmove(dst, src, nbytes)
-    run.keep = (dst_owner, src_owner)     # alive until the copy has run
+    run.keep = tuple(o for o, k in ((dst_owner, dst_kind), (src_owner, src_kind)) if k != "pinned")
     stream.enqueue(run)
     if not to_device and dst_kind == "pageable":
         stream.synchronize()
