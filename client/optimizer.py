@@ -191,7 +191,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_grads(have_grad)
         # Every shard hears from every worker each step, even with no gradient for it, so
         # that a sync barrier never waits for a worker that has nothing to send.
-        replies = self._shards.call_all(lambda k: self._step_shard(k, groups, have_grad))
+        # With several shards, each sees only its part: the whole gradient is checked here so
+        # that a NaN/Inf anywhere skips (or refuses) the step on every shard alike.
+        nonfinite = len(self._shards) > 1 and self._nonfinite(have_grad)
+        replies = self._shards.call_all(lambda k: self._step_shard(k, groups, have_grad, nonfinite))
         if any(reply.dropped for reply in replies):   # once per step, however many shards
             self.dropped_steps += 1
         rolled = [reply.version for reply in replies if reply.drop_reason == DropReason.ROLLED_BACK]
@@ -216,6 +219,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"parameter {name!r} {tuple(p.shape)} has a gradient of shape "
                                  f"{tuple(p.grad.shape)}")
 
+    def _nonfinite(self, have_grad: list[bool]) -> bool:
+        grads = [p.grad for t, p in enumerate(self._params) if have_grad[t]]
+        return bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
     def _roll_back_to(self, version: int) -> None:
         """Brings every shard to `version` (the checkpoint a restarted shard came back at)
         and the model to its parameters."""
@@ -228,12 +235,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._pull(k)
         self._shards.call_all(restore)
 
-    def _step_shard(self, shard: int, groups, have_grad) -> pb.TensorHeader:
+    def _step_shard(self, shard: int, groups, have_grad, nonfinite: bool) -> pb.TensorHeader:
         tensors = [t for t in self._shard_tensors[shard] if have_grad[t]]
         step = self._step_no[shard] + 1
         header = pb.StepHeader(job=self.job, worker=self.rank, step=step, tensors=tensors,
                                groups=groups, dtype=self.spec.grad_dtype,
-                               version=self._version[shard], session=self._session)
+                               version=self._version[shard], session=self._session,
+                               nonfinite=nonfinite)
         buffers = self._buffers[shard]
         grads = [self._params[t].grad for t in tensors]
 

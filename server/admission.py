@@ -9,17 +9,21 @@ checks for NaN and Inf.
 """
 from __future__ import annotations
 
-import threading
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, AsyncIterable, Iterable
 
 import numpy as np
 
-from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
+from optserve.proto.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from optserve.proto.spec import DropReason, dtype_name
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk
+from optserve.server.aio import offload
+
+log = logging.getLogger("optserve.server")
 
 if TYPE_CHECKING:
     from optserve.server.job import Job
@@ -41,12 +45,17 @@ class Contribution:
 class Admission:
     """A job's gate: the checks, the sessions that hold its workers, and a lock per worker
     (the state keeps one gradient per worker: a sync round holds at most one per worker,
-    averaged before the worker's call ends)."""
+    averaged before the worker's call ends). The locks and uploads belong to the event loop."""
 
     def __init__(self, job: "Job"):
         self.job = job
         self.sessions: dict[int, str] = {}           # worker -> the client that holds it
-        self.worker_locks = [threading.Lock() for _ in range(job.spec.num_workers)]
+        self.worker_locks: dict[int, asyncio.Lock] = {}   # made at a worker's first step
+        self.uploads: dict[int, tuple[str, asyncio.Task]] = {}   # worker -> (session, call)
+        self.preempted: set[asyncio.Task] = set()    # uploads cancelled by preempt()
+
+    def worker_lock(self, worker: int) -> asyncio.Lock:
+        return self.worker_locks.setdefault(worker, asyncio.Lock())
 
     def check_worker(self, worker: int) -> int:
         if worker >= self.job.spec.num_workers:
@@ -89,29 +98,68 @@ class Admission:
                     f"job {job.name!r}: step {header.step} from worker {worker} is out of "
                     f"order; the job is at version {job.version} and expects step {expected}")
 
-    def receive(self, header: pb.StepHeader, chunks: Iterable[RawChunk]) -> Contribution:
-        """Validates the header, receives the whole payload and decodes it. No state is touched."""
+    async def receive(self, header: pb.StepHeader, chunks: AsyncIterable[RawChunk]) -> Contribution:
+        """Validates the header, receives the whole payload and decodes it. No state is
+        touched. Each chunk is handed to the state on the worker pool as it arrives; between
+        chunks the call holds no thread, and a newer client of its worker may pre-empt it."""
+        receiver = await offload(self._open, header)
+        start = time.perf_counter()
+        me = asyncio.current_task()
+        self.uploads[header.worker] = (header.session, me)
+        try:
+            async for chunk in chunks:
+                await offload(receiver.add, chunk)
+        except asyncio.CancelledError:
+            if me not in self.preempted:
+                raise
+            self.preempted.discard(me)
+            if hasattr(me, "uncancel"):   # Python 3.11+: else the task still counts as cancelled
+                me.uncancel()
+            raise Aborted(f"job {self.job.name!r}: worker {header.worker} is held by a newer "
+                          "client (registered since); this client's upload is cancelled") from None
+        finally:
+            if self.uploads.get(header.worker, (None, None))[1] is me:
+                del self.uploads[header.worker]
+        return await offload(self._decoded, header, receiver, time.perf_counter() - start)
+
+    def preempt(self, worker: int, session: str) -> None:
+        """Ends an upload of `worker` by an earlier client (one that hung, or whose process
+        was restarted): `session` holds the worker now (check_session passed)."""
+        upload = self.uploads.get(worker)
+        if session and upload is not None and upload[0] != session:
+            log.info("job %r: worker %d's upload by an earlier client is cancelled: a newer "
+                     "client holds the worker", self.job.name, worker)
+            self.preempted.add(upload[1])
+            upload[1].cancel()
+
+    def _open(self, header: pb.StepHeader):
         job = self.job
         if header.dtype != job.spec.grad_dtype:
             raise InvalidArgument(
                 f"job {job.name!r}: gradients must travel as {dtype_name(job.spec.grad_dtype)}, "
                 f"got {dtype_name(header.dtype)}")
         local = self.local_indices(header.tensors)
-        groups = self.check_groups(header.groups)
+        self.check_groups(header.groups)
         job.stepper.wait_unread(header.worker)   # the last step may still read its buffer
-        receiver = job.state.receive(header.worker, header.dtype, local,
-                                     f"job {job.name!r} step {header.step} gradient")
-        start = time.perf_counter()
-        for chunk in chunks:
-            receiver.add(chunk)
-        finite = receiver.finish()
-        job.observer.received(job, receiver.total, time.perf_counter() - start)
+        return job.state.receive(header.worker, header.dtype, local,
+                                 f"job {job.name!r} step {header.step} gradient")
+
+    def _decoded(self, header: pb.StepHeader, receiver, seconds: float) -> Contribution:
+        job = self.job
+        local = self.local_indices(header.tensors)
+        here = receiver.finish()       # this shard's part; the header speaks for the rest
+        finite = here and not header.nonfinite
+        job.observer.received(job, receiver.total, seconds)
         if not finite and job.spec.nonfinite != pb.NONFINITE_SKIP:
             job.observer.skipped(job, DropReason.NONFINITE)
+            if here:
+                raise InvalidArgument(f"job {job.name!r}: the worker's gradient is non-finite "
+                                      "in tensors held by another shard; nothing is applied")
             bad = job.state.first_nonfinite(header.worker, local)
             raise InvalidArgument(f"job {job.name!r}: non-finite gradient in tensor "
                                   f"{job.spec.tensors[job.tensors[bad]].name!r}")
-        return Contribution(header.worker, header.step, local, groups, nonfinite=not finite)
+        return Contribution(header.worker, header.step, local, self.check_groups(header.groups),
+                            nonfinite=not finite)
 
     def drop_reason(self, c: Contribution, version: int) -> DropReason | None:
         """LATE for a step already taken (in sync mode, without this worker), STALE for an

@@ -1,6 +1,12 @@
-"""The shard process: a gRPC server with the Optimizer service, health and reflection."""
+"""The shard process: a gRPC server with the Optimizer service, health and reflection.
+
+The server is grpc.aio's, on an event loop of its own thread: a call that waits on its
+client, or for the rest of a sync round, holds no thread, so no number of idle or hung
+calls can starve the others; the work runs on a bounded pool of `max_threads`.
+"""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import signal
@@ -9,17 +15,19 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from optserve.kernels import get_backend
 from optserve.proto.spec import tune_malloc
 from optserve.proto.wire import GRPC_OPTIONS, SERVICE, add_servicer
+from optserve.server.budget import Budget
 from optserve.server.checkpoint import Checkpointer
 from optserve.server.config import ShardConfig
 from optserve.server.interceptors import RpcCounter, TokenAuth
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
-from optserve.server.servicer import OptimizerServicer
+from optserve.server.servicer import OptimizerServicer, Streams
 from optserve.server.store import ShardStore
 
 log = logging.getLogger("optserve.server")
@@ -54,27 +62,20 @@ class ShardServer:
                                 checkpoint_every=config.checkpoint_every, limits=config.limits)
         self.store.on_fault = self._on_fault
         self.store.restore_all()
-        self.health = health.HealthServicer()
-        interceptors = [RpcCounter(self.metrics.rpcs)]
-        if config.tokens is not None:
-            interceptors.append(TokenAuth(config.tokens))
-        options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_threads,
-                                                             thread_name_prefix="optserve"),
-                                  options=options, interceptors=interceptors)
-        add_servicer(OptimizerServicer(self.store), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        host, port, tls = config.host, config.port, config.tls
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(futures.ThreadPoolExecutor(
+            max_workers=config.max_threads, thread_name_prefix="optserve"))
+        self._loop_thread = threading.Thread(target=self.loop.run_forever,
+                                             name="optserve-loop", daemon=True)
+        self._loop_thread.start()
         try:
-            if tls is None:
-                self.port = self.server.add_insecure_port(f"{host}:{port}")
-            else:
-                self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
-        except RuntimeError:   # grpcio's "Failed to bind"
-            self.port = 0
+            self.port = self._call(self._build())
+        except BaseException:
+            self._close_loop()
+            raise
+        host, port, tls = config.host, config.port, config.tls
         if self.port == 0:
+            self._close_loop()
             raise OSError(f"could not bind {host}:{port}: the port is taken, or the host is not "
                           "an address of this machine" + ("; or gRPC could not load the TLS "
                                                           "certificate and key" if tls else ""))
@@ -84,10 +85,46 @@ class ShardServer:
         self._finished = threading.Event()
         self._metrics_http = None
 
+    async def _build(self) -> int:
+        """The aio server, made in the loop it serves on; returns its port (0: not bound)."""
+        config = self.config
+        self.health = HealthServicer()
+        interceptors = [RpcCounter(self.metrics.rpcs)]
+        if config.tokens is not None:
+            interceptors.append(TokenAuth(config.tokens, config.idle_timeout))
+        self.server = grpc.aio.server(options=[*GRPC_OPTIONS, *config.channel_options()],
+                                      interceptors=interceptors,
+                                      maximum_concurrent_rpcs=config.max_rpcs)
+        budget = Budget(config.limits.max_inflight_bytes, self.metrics.inflight.set)
+        add_servicer(OptimizerServicer(self.store, Streams(config.idle_timeout), budget),
+                     self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls is None:
+                return self.server.add_insecure_port(address)
+            return self.server.add_secure_port(address, config.tls.credentials())
+        except RuntimeError:   # grpcio's "Failed to bind"
+            return 0
+
+    def _call(self, coro):
+        """Runs `coro` on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join()
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
+
     def start(self) -> "ShardServer":
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        async def start():
+            await self.server.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._call(start())
         self.metrics.up.set(1)
         log.info("shard serving on %s (backend %s)", self.address, self.backend.name)
         return self
@@ -114,10 +151,14 @@ class ShardServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
         self.metrics.up.set(0)
-        self.server.stop(grace).wait()
+
+        async def stop():
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
         try:
+            self._call(stop())
+            self._close_loop()
             if self.fault is None:
                 self.store.checkpoint_all()
         finally:
@@ -127,10 +168,8 @@ class ShardServer:
             self._finished.set()
 
     def wait(self) -> None:
-        """Blocks until the server has terminated and, if stopping, finished its shutdown."""
-        self.server.wait_for_termination()
-        if self._stopped.is_set():
-            self._finished.wait()
+        """Blocks until the shard has stopped and finished its shutdown."""
+        self._finished.wait()
 
     def __enter__(self) -> "ShardServer":
         return self.start()

@@ -1,9 +1,12 @@
 """The sync barrier: a step's gradients gather in one Round until the quorum of present
 workers (all but `backup_workers` of them) has sent one; the round is then stepped once and
 every worker in it is answered with the same result. A worker that leaves (or is presumed
-gone after a timeout with proceed_on_timeout) is no longer waited for."""
+gone after a timeout with proceed_on_timeout) is no longer waited for. The workers of an
+incomplete round wait in the event loop (`Barrier.wait`), holding no thread: a sync job may
+have thousands of them."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from optserve.proto.errors import DeadlineExceeded
 from optserve.server.admission import Contribution
+from optserve.server.aio import Signal, offload
 from optserve.server.reply import Result
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ class Round:
     step: int
     contributions: dict[int, Contribution] = field(default_factory=dict)
     result: Result | None = None
+    settled: Signal = field(default_factory=Signal)   # set with the result, or on delete
 
 
 class Barrier:
@@ -39,6 +44,11 @@ class Barrier:
         """`rnd` was stepped: the next sync step gathers a new round."""
         if self.round is rnd:
             self.round = None
+
+    def wake(self) -> None:
+        """Ends the wait of the round being gathered (the job was deleted)."""
+        if self.round is not None:
+            self.round.settled.set()
 
     def reset(self) -> None:
         """Forgets the round being gathered (the job restored a checkpoint)."""
@@ -61,9 +71,9 @@ class Barrier:
         if self.round is not None and self.complete(self.round):
             self.job.stepper.take(self.round)
 
-    def arrive(self, c: Contribution) -> Result:
-        """Adds `c` to this step's round and waits until the round is stepped, or the
-        barrier times out. Called with job.cond held."""
+    def arrive(self, c: Contribution) -> Result | Round:
+        """Adds `c` to this step's round: the step's result when `c` completes the round,
+        else the round, for `wait`. Called with job.cond held."""
         job = self.job
         self.members.add(c.worker)
         if self.round is None:
@@ -73,14 +83,35 @@ class Barrier:
         if self.complete(rnd):
             job.observer.waited(job, 0.0)
             return job.stepper.take(rnd)
+        return rnd
+
+    async def wait(self, rnd: Round, c: Contribution) -> Result:
+        """Waits until `rnd` is stepped, or the barrier times out. A call cancelled while it
+        waits withdraws its gradient, whose buffer its worker's next step will refill."""
+        job = self.job
         start = time.perf_counter()
-        job.cond.wait_for(lambda: rnd.result is not None or job.deleted,
-                          timeout=job.barrier_timeout)
+        try:
+            await rnd.settled.wait(job.barrier_timeout)
+        except asyncio.CancelledError:
+            await offload(self._withdraw, rnd, c)
+            raise
         job.observer.waited(job, time.perf_counter() - start)
-        if rnd.result is not None:
-            return rnd.result
-        job.check_not_deleted()
-        return self._timed_out(rnd, c)
+        return await offload(self._outcome, rnd, c)
+
+    def _outcome(self, rnd: Round, c: Contribution) -> Result:
+        with self.job.cond:
+            if rnd.result is not None:
+                return rnd.result
+            self.job.check_not_deleted()
+            return self._timed_out(rnd, c)
+
+    def _withdraw(self, rnd: Round, c: Contribution) -> None:
+        """Takes `c` out of a round not yet stepped."""
+        with self.job.cond:
+            if rnd.result is None and rnd.contributions.get(c.worker) is c:
+                del rnd.contributions[c.worker]
+                if not rnd.contributions and self.round is rnd:
+                    self.round = None
 
     def _timed_out(self, rnd: Round, c: Contribution) -> Result:
         """Proceed with the workers present, or withdraw this gradient and fail the step."""
@@ -92,9 +123,7 @@ class Barrier:
             self.members -= set(missing)
             job.observer.members_changed(job)
             return job.stepper.take(rnd)
-        del rnd.contributions[c.worker]
-        if not rnd.contributions:
-            self.round = None
+        self._withdraw(rnd, c)
         raise DeadlineExceeded(
             f"job {job.name!r}: step {c.step} timed out after {job.barrier_timeout:g}s "
             f"waiting for workers {missing}; nothing was applied, retry the step")

@@ -22,6 +22,8 @@ class Limits:
     max_state_bytes: int = field(default_factory=half_of_memory)
     # what all jobs hold on the GPU (state, gradient buffers, scratch); None: 90 % of it
     max_device_bytes: int | None = None
+    # what calls hold in flight outside the state (server/budget.py); one may exceed it alone
+    max_inflight_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,10 @@ class ShardConfig:
     host: str = "127.0.0.1"
     port: int = 50051                    # 0: any free port
     device: str = "auto"                 # auto, cpu, cuda or reference (kernels.get_backend)
-    max_threads: int = 64                # gRPC handler threads
+    max_threads: int = 64                # the worker pool that does the calls' work
+    max_rpcs: int = 4096                 # calls open at once; beyond it RESOURCE_EXHAUSTED
+    idle_timeout: float = 60.0           # seconds a call may wait for its client (servicer.Streams)
+    keepalive: float = 30.0              # seconds between pings that find dead connections
     barrier_timeout: float = 300.0       # seconds a sync step waits for the other workers
     grace: float = 10.0                  # seconds in-flight calls get to finish on SIGTERM
     metrics_port: int | None = None      # Prometheus metrics over HTTP on this port
@@ -59,3 +64,15 @@ class ShardConfig:
     tls: TLSFiles | None = None
     tokens: dict[str, str] | None = None   # job -> bearer token; None: no tokens checked
     limits: Limits = field(default_factory=Limits)
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """The server's HTTP/2 settings: a connection whose peer stops answering pings is
+        closed (its calls end, and a hung worker's rank is free again); one without calls
+        for 10 minutes too. Clients may ping as often as every 10 s."""
+        return [("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.max_connection_idle_ms", 600_000),
+                ("grpc.max_concurrent_streams", 1024)]

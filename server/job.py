@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterable
+from typing import AsyncIterable, Awaitable, Callable, Iterable
 
 import numpy as np
 
@@ -24,8 +24,9 @@ from optserve.proto import optimizers, state_codec
 from optserve.proto.errors import FailedPrecondition, InvalidArgument, NotFound
 from optserve.proto.spec import WIRE_ITEMSIZE, DropReason, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, RawChunk
+from optserve.proto.wire import RawChunk
 from optserve.server.admission import Admission, Contribution
+from optserve.server.aio import offload
 from optserve.server.barrier import Barrier, Round
 from optserve.server.observer import NoObserver
 from optserve.server.reply import Result
@@ -89,27 +90,45 @@ class Job:
             raise NotFound(f"job {self.name!r} was deleted")
 
     # ---- Step ---------------------------------------------------------------------------
-    def step(self, header: pb.StepHeader, chunks: Iterable[RawChunk]) -> Result:
+    async def step(self, header: pb.StepHeader, chunks: AsyncIterable[RawChunk],
+                   send: Callable[[Result], Awaitable[None]]) -> None:
+        """One worker's Step, in the event loop: what waits (the gradient's next chunk, the
+        rest of a sync round, a step of the same worker still running or still sending)
+        holds no thread. The reply is sent before the worker's next step may start, so a
+        worker holds at most one reply in flight."""
         gate = self.admission
         worker = gate.check_worker(header.worker)
-        gate.check_session(worker, header.session)
-        with gate.worker_locks[worker]:
-            early = gate.answered(worker, header.step) or self._rolled_back(worker, header.version)
+        await offload(gate.check_session, worker, header.session)
+        gate.preempt(worker, header.session)
+        async with gate.worker_lock(worker):
+            early = await offload(self._answered_early, worker, header)
             if early is not None:
-                for _ in chunks:   # the gradient of an answered step is not needed
+                async for _ in chunks:   # the gradient of an answered step is not needed
                     pass
-                return early
-            gate.check_order(worker, header)
-            contribution = gate.receive(header, chunks)
-            with self.cond:
-                reason = gate.drop_reason(contribution, header.version)
-                if reason:
-                    return self._drop(contribution, reason)
-                self.stepper.gate()
-                self.check_not_deleted()
-                if not self.sync:
-                    return self.stepper.take(Round(contribution.step, {contribution.worker: contribution}))
-                return self.barrier.arrive(contribution)
+                return await send(early)
+            await offload(gate.check_order, worker, header)
+            contribution = await gate.receive(header, chunks)
+            outcome = await offload(self._submit, contribution, header.version)
+            if isinstance(outcome, Round):
+                outcome = await self.barrier.wait(outcome, contribution)
+            await send(outcome)
+
+    def _answered_early(self, worker: int, header: pb.StepHeader) -> Result | None:
+        return (self.admission.answered(worker, header.step)
+                or self._rolled_back(worker, header.version))
+
+    def _submit(self, c: Contribution, version: int) -> Result | Round:
+        """A received gradient: dropped, stepped (async mode, or the last of a sync round),
+        or added to its round (whose step `Barrier.wait` then waits for)."""
+        with self.cond:
+            reason = self.admission.drop_reason(c, version)
+            if reason:
+                return self._drop(c, reason)
+            self.stepper.gate()
+            self.check_not_deleted()
+            if not self.sync:
+                return self.stepper.take(Round(c.step, {c.worker: c}))
+            return self.barrier.arrive(c)
 
     def settle(self, rnd: Round, result: Result) -> None:
         """Hands a taken step's result to its workers and the retry cache (lock held)."""
@@ -118,6 +137,7 @@ class Job:
             self.results[w] = (c.step, result)
             self.worker_step[w] = c.step
         self.barrier.settled(rnd)
+        rnd.settled.set()
         self.cond.notify_all()
 
     def _rolled_back(self, worker: int, version: int) -> Result | None:
@@ -220,6 +240,7 @@ class Job:
         round and any later ones fail with NOT_FOUND. The caller forgets the job."""
         with self.cond:
             self.deleted = True
+            self.barrier.wake()
             self.cond.notify_all()
             self.stepper.wait_idle()
         self.stepper.shutdown()
@@ -247,8 +268,8 @@ class Job:
                 for name in sorted(self.layout.field_shapes[k])))
             return header, payload
 
-    def set_state(self, header: pb.StateHeader, chunks: Iterable[RawChunk]) -> int:
-        """Replaces the optimizer state of every tensor the header lists, all or nothing."""
+    def state_upload_bytes(self, header: pb.StateHeader) -> int:
+        """The bytes a SetOptimizerState carries, once its header matches the job."""
         if header.optimizer != self.spec.optimizer:
             raise FailedPrecondition(f"job {self.name!r} runs {self.spec.optimizer}, "
                                      f"the state is for {header.optimizer!r}")
@@ -257,13 +278,16 @@ class Job:
         local = self.admission.local_indices(header.tensors)
         expected = {(self.tensors[k], name): shape
                     for k in local for name, shape in self.layout.field_shapes[k].items()}
-        what = f"job {self.name!r}"
-        state_codec.check_layout(header, expected, what,   # before anything is allocated
+        state_codec.check_layout(header, expected, f"job {self.name!r}",
                                  {t: self.spec.tensors[t].name for t, _ in expected})
-        raw = Assembler(header.total_bytes, f"{what} optimizer state")
-        for chunk in chunks:
-            raw.add(chunk)
-        values = state_codec.unpack(header, raw.finish())
+        return header.total_bytes
+
+    def set_state(self, header: pb.StateHeader, raw: np.ndarray) -> int:
+        """Replaces the optimizer state of every tensor the header lists, all or nothing;
+        `raw` is the payload (state_upload_bytes of it)."""
+        self.state_upload_bytes(header)
+        local = self.admission.local_indices(header.tensors)
+        values = state_codec.unpack(header, raw)
         for (t, name), arr in values.items():
             tensor = self.spec.tensors[t].name
             if not np.isfinite(arr).all():

@@ -90,6 +90,9 @@ class ShardMetrics:
         self.rpcs = Counter("optserve_rpcs_total", "RPCs handled, by method and status code",
                             ("method", "code"), registry=r)
         self.up = Gauge("optserve_shard_up", "1 while the shard serves", registry=r)
+        self.inflight = Gauge("optserve_inflight_bytes", "Bytes held by uploads and downloads "
+                              "in flight outside the jobs' state (--max-inflight-bytes)",
+                              registry=r)
 
     def watch_device(self, report) -> None:
         """Exports a device backend's memory and PCIe traffic, read at each scrape from

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import AsyncIterator
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from optserve.kernels.state import Written
 from optserve.proto.spec import DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
+from optserve.server.aio import offload
 
 
 class Progress:
@@ -69,15 +69,10 @@ class Result:
                                drop_reason=self.dropped.value if self.dropped else "",
                                last_step=self.last_step)
 
-    def chunks(self) -> Iterator[RawChunk]:
-        """The payload in chunks, each as soon as the step has written it."""
+    async def chunks(self) -> AsyncIterator[RawChunk]:
+        """The payload in chunks, each as soon as the step has written it (waited for on
+        the worker pool: a step's part takes milliseconds, never a client's time)."""
         for chunk in chunked(self.payload):
             if self.progress is not None:
-                self.progress.wait(chunk.offset + len(chunk.data))
+                await offload(self.progress.wait, chunk.offset + len(chunk.data))
             yield chunk
-
-    def send(self, sent: Callable[[int, float], None]) -> Iterator[RawChunk]:
-        """chunks(), then sent(bytes, seconds the sending took): the send phase."""
-        start = time.perf_counter()
-        yield from self.chunks()
-        sent(len(self.payload), time.perf_counter() - start)

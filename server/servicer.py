@@ -1,130 +1,185 @@
 """The gRPC servicer: it only translates. request -> ShardStore/Job call -> response.
 
-Errors from the domain become status codes through the one table in optserve.proto.errors.
+Every method is a coroutine on the shard's event loop (grpc.aio): reading the client's
+messages and writing the answer wait there and hold no thread; the store's and jobs' work
+runs on the worker pool (server/aio.py). Errors from the domain become status codes through
+the one table in optserve.proto.errors.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from typing import Iterator
+from dataclasses import dataclass
+from typing import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
+import numpy as np
 
-from optserve.proto.errors import InvalidArgument, OptserveError, status_of
+from optserve.proto.errors import DeadlineExceeded, InvalidArgument, OptserveError, status_of
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
-from optserve.proto.wire import RawChunk, Undecodable, chunked
+from optserve.proto.wire import Assembler, RawChunk, Undecodable, chunked
+from optserve.server.aio import offload
+from optserve.server.budget import Budget
+from optserve.server.reply import Result
 from optserve.server.store import ShardStore
 
 log = logging.getLogger("optserve.server")
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException):
-    if not context.is_active():   # the client cancelled or went away: nobody to answer
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    if context.done() or context.cancelled():   # the client went away: nobody to answer
         log.info("a call ended by its client: %s: %s", type(exc).__name__, exc)
         return
     code, message = status_of(exc)
     if not isinstance(exc, OptserveError):
         log.exception("internal error")
-    context.abort(code, message)
+    await context.abort(code, message)
 
 
 def translate_errors(method):
-    """Aborts the call with the mapped status when the domain raises (unary responses)."""
+    """Aborts the call with the mapped status when the domain raises."""
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             if isinstance(request, Undecodable):
                 raise InvalidArgument(request.detail)
-            return method(self, request, context)
+            return await method(self, request, context)
         except Exception as exc:  # every failure gets a status, unknown ones INTERNAL
             self.store.check_fault(exc)
-            _abort(context, exc)
+            await _abort(context, exc)
     return wrapper
 
 
-def translate_errors_stream(method):
-    """The same for methods that stream their responses."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(request.detail)
-            yield from method(self, request, context)
-        except Exception as exc:
-            self.store.check_fault(exc)
-            _abort(context, exc)
-    return wrapper
+@dataclass(frozen=True)
+class Streams:
+    """How long a call may wait on its client: for its next message, or for it to take the
+    next message of the answer. A stalled or vanished client's call ends after it, and what
+    it held (a thread never; a worker's slot, buffers, in-flight bytes) is let go."""
+    idle_timeout: float = 60.0
 
 
-def split_stream(requests: Iterator, what: str):
-    """(header, iterator over the RawChunks) of a `oneof {header; chunk}` request stream,
-    as optserve.proto.wire decodes it."""
-    first = next(requests, None)
-    if isinstance(first, Undecodable):
-        raise InvalidArgument(f"{what}: {first.detail}")
-    if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
-        raise InvalidArgument(f"{what}: the first message must be the header")
-
-    def body():
-        for msg in requests:
-            if isinstance(msg, Undecodable):
-                raise InvalidArgument(f"{what}: {msg.detail}")
-            if not isinstance(msg, RawChunk):
-                raise InvalidArgument(f"{what}: only chunks may follow the header")
-            yield msg
-    return first.header, body()
-
-
-class OptimizerServicer(pb_grpc.OptimizerServicer):
-    def __init__(self, store: ShardStore):
+class OptimizerServicer:
+    def __init__(self, store: ShardStore, streams: Streams, budget: Budget):
         self.store = store
+        self.idle = streams.idle_timeout
+        self.budget = budget
+
+    # ---- the transport -------------------------------------------------------------------
+    async def _messages(self, requests: AsyncIterable, what: str) -> AsyncIterator:
+        it = requests.__aiter__()
+        while True:
+            try:
+                message = await asyncio.wait_for(it.__anext__(), self.idle)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"{what}: no message from the client for "
+                                       f"{self.idle:g}s; the call is ended") from None
+            yield message
+
+    async def _split(self, requests: AsyncIterable, what: str):
+        """(header, the RawChunks after it) of a `oneof {header; chunk}` request stream, as
+        optserve.proto.wire decodes it."""
+        messages = self._messages(requests, what)
+        first = await anext(messages, None)
+        if isinstance(first, Undecodable):
+            raise InvalidArgument(f"{what}: {first.detail}")
+        if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
+            raise InvalidArgument(f"{what}: the first message must be the header")
+
+        async def body():
+            async for msg in messages:
+                if isinstance(msg, Undecodable):
+                    raise InvalidArgument(f"{what}: {msg.detail}")
+                if not isinstance(msg, RawChunk):
+                    raise InvalidArgument(f"{what}: only chunks may follow the header")
+                yield msg
+        return first.header, body()
+
+    async def _assemble(self, body: AsyncIterable[RawChunk], nbytes: int, what: str) -> np.ndarray:
+        raw = Assembler(nbytes, what)
+        async for chunk in body:
+            await offload(raw.add, chunk)
+        return raw.finish()
+
+    async def _write(self, context, messages: Iterable | AsyncIterable) -> None:
+        async def each():
+            if isinstance(messages, AsyncIterable):
+                async for m in messages:
+                    yield m
+            else:
+                for m in messages:
+                    yield m
+        async for message in each():
+            try:
+                await asyncio.wait_for(context.write(message), self.idle)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"the client took no message of the answer for "
+                                       f"{self.idle:g}s; the call is ended") from None
+
+    # ---- the methods ---------------------------------------------------------------------
+    @translate_errors
+    async def RegisterJob(self, requests, context):
+        header, body = await self._split(requests, "RegisterJob")
+        nbytes = await offload(self.store.registration_bytes, header)
+        what = f"job {header.spec.job!r} initial parameters"
+        with self.budget.hold(nbytes, what):
+            raw = await self._assemble(body, nbytes, what)
+            return await offload(self.store.register, header, raw)
 
     @translate_errors
-    def RegisterJob(self, request_iterator, context):
-        header, body = split_stream(request_iterator, "RegisterJob")
-        return self.store.register(header, body)
+    async def Step(self, requests, context):
+        header, body = await self._split(requests, "Step")
 
-    @translate_errors_stream
-    def Step(self, request_iterator, context):
-        header, body = split_stream(request_iterator, "Step")
-        result, reply = self.store.step(header, body)
-        yield pb.StepResponse(header=result.header())
-        yield from reply
-
-    @translate_errors_stream
-    def PullParameters(self, request, context):
-        result = self.store.job(request.job).pull()
-        yield pb.TensorStream(header=result.header())
-        yield from result.chunks()
-
-    @translate_errors_stream
-    def GetOptimizerState(self, request, context):
-        header, payload = self.store.job(request.job).get_state()
-        yield pb.StateStream(header=header)
-        yield from chunked(payload)
+        async def send(result: Result) -> None:
+            await self._write(context, [pb.StepResponse(header=result.header())])
+            await self._write(context, result.chunks())
+        await self.store.step(header, body, send)
 
     @translate_errors
-    def SetOptimizerState(self, request_iterator, context):
-        header, body = split_stream(request_iterator, "SetOptimizerState")
-        version = self.store.job(header.job).set_state(header, body)
+    async def PullParameters(self, request, context):
+        job = self.store.job(request.job)
+        with self.budget.hold(4 * job.layout.numel, f"job {job.name!r} parameters"):
+            result = await offload(job.pull)
+            await self._write(context, [pb.TensorStream(header=result.header())])
+            await self._write(context, result.chunks())
+
+    @translate_errors
+    async def GetOptimizerState(self, request, context):
+        job = self.store.job(request.job)
+        with self.budget.hold(job.layout.state_bytes(), f"job {job.name!r} optimizer state"):
+            header, payload = await offload(job.get_state)
+            await self._write(context, [pb.StateStream(header=header), *chunked(payload)])
+
+    @translate_errors
+    async def SetOptimizerState(self, requests, context):
+        header, body = await self._split(requests, "SetOptimizerState")
+        job = self.store.job(header.job)
+        nbytes = await offload(job.state_upload_bytes, header)
+        what = f"job {job.name!r} optimizer state"
+        with self.budget.hold(nbytes, what):
+            raw = await self._assemble(body, nbytes, what)
+            version = await offload(job.set_state, header, raw)
         return pb.SetOptimizerStateResponse(version=version)
 
     @translate_errors
-    def LeaveJob(self, request, context):
-        self.store.job(request.job).leave(request.worker, request.session)
+    async def LeaveJob(self, request, context):
+        job = self.store.job(request.job)
+        await offload(job.leave, request.worker, request.session)
         return pb.LeaveJobResponse()
 
     @translate_errors
-    def Checkpoint(self, request, context):
-        return pb.CheckpointResponse(version=self.store.job(request.job).checkpoint())
+    async def Checkpoint(self, request, context):
+        return pb.CheckpointResponse(version=await offload(self.store.job(request.job).checkpoint))
 
     @translate_errors
-    def DeleteJob(self, request, context):
-        self.store.delete(request.job)
+    async def DeleteJob(self, request, context):
+        await offload(self.store.delete, request.job)
         return pb.DeleteJobResponse()
 
     @translate_errors
-    def Restore(self, request, context):
-        version, last_step = self.store.job(request.job).roll_back(request.version, request.worker)
+    async def Restore(self, request, context):
+        job = self.store.job(request.job)
+        version, last_step = await offload(job.roll_back, request.version, request.worker)
         return pb.RestoreResponse(version=version, last_step=last_step)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable, Iterable, Iterator
+import time
+from typing import AsyncIterable, Awaitable, Callable
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound
                                    ResourceExhausted, Unavailable)
 from optserve.proto.spec import WIRE_ITEMSIZE, dtype_name, numel, shard_tensors, spec_key
 from optserve.proto.v1 import optserve_pb2 as pb
-from optserve.proto.wire import Assembler, RawChunk
+from optserve.proto.wire import RawChunk
 from optserve.server.config import Limits
 from optserve.server.job import Job
 from optserve.server.reply import Result
@@ -68,12 +69,16 @@ class ShardStore:
                 self.deleting.discard(name)
         log.info("deleted job %r", name)
 
-    def step(self, header: pb.StepHeader, body: Iterable[RawChunk]) -> tuple[Result, Iterator[RawChunk]]:
-        """Runs a Step; returns its result and the reply's chunks, whose sending is timed
-        as the send phase."""
+    async def step(self, header: pb.StepHeader, body: AsyncIterable[RawChunk],
+                   send: Callable[[Result], Awaitable[None]]) -> None:
+        """Runs a Step; `send` streams its result to the worker, timed as the send phase."""
         job = self.job(header.job)
-        result = job.step(header, body)
-        return result, result.send(lambda nbytes, seconds: job.observer.sent(job, nbytes, seconds))
+
+        async def timed(result: Result) -> None:
+            start = time.perf_counter()
+            await send(result)
+            job.observer.sent(job, len(result.payload), time.perf_counter() - start)
+        await job.step(header, body, timed)
 
     def _check_limits(self, spec: pb.JobSpec, local: list[int]) -> None:
         """Refuses a new job that would take the shard over a limit, before allocating it."""
@@ -123,8 +128,9 @@ class ShardStore:
             if job.checkpointer is not None:
                 job.checkpoint()
 
-    def register(self, header: pb.RegisterHeader, chunks: Iterable[RawChunk]) -> pb.RegisterJobResponse:
-        """Creates the job from the first complete registration, or joins the existing one."""
+    def registration_bytes(self, header: pb.RegisterHeader) -> int:
+        """The bytes of initial parameters a registration carries, once its spec is valid
+        and the job would fit (checked again when it is created)."""
         spec = header.spec
         validate_spec(spec, header.shard, header.worker)
         existing = self.jobs.get(spec.job)
@@ -133,11 +139,14 @@ class ShardStore:
         local = shard_tensors(spec, header.shard)
         if existing is None:
             self._check_limits(spec, local)
-        total = 4 * sum(numel(spec.tensors[t].shape) for t in local)
-        raw = Assembler(total, f"job {spec.job!r} initial parameters")
-        for chunk in chunks:
-            raw.add(chunk)
-        params = raw.finish().view("<f4")
+        return 4 * sum(numel(spec.tensors[t].shape) for t in local)
+
+    def register(self, header: pb.RegisterHeader, raw: np.ndarray) -> pb.RegisterJobResponse:
+        """Creates the job from the first complete registration, or joins the existing one;
+        `raw` holds its initial parameters (registration_bytes of them)."""
+        spec = header.spec
+        local = shard_tensors(spec, header.shard)
+        params = raw.view("<f4")
         if not np.isfinite(params).all():
             raise InvalidArgument(f"job {spec.job!r}: non-finite initial parameters")
         with self.lock:

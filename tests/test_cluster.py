@@ -186,7 +186,7 @@ def test_concurrent_duplicates_of_one_step_apply_once(shard):
     results = []
     threads = [threading.Thread(target=lambda o=o: results.append(o._step_shard(
         0, [o._group_proto(g, i) for i, g in enumerate(o.param_groups)],
-        [True] * len(o._params)))) for o in opts]
+        [True] * len(o._params), False))) for o in opts]
     for t in threads:
         t.start()
     for t in threads:
@@ -275,4 +275,36 @@ def test_bfloat16_parameters_on_the_wire(shard):
     master = torch.from_numpy(shard.store.job("wire-out").state.host().param.copy())
     flat = torch.cat([q.detach().reshape(-1) for q in ref_model.parameters()])
     torch.testing.assert_close(master, flat, rtol=1e-5, atol=1e-6)
+    opt.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("policy", ["skip", "refuse"])
+def test_a_nonfinite_gradient_on_one_shard_is_applied_by_none(shards, policy, mode):
+    """An inf in a tensor held by one shard: every shard skips (or refuses) the step, so the
+    shards stay at one version and the parameters stay as torch would leave them: unchanged."""
+    from optserve.client import InvalidArgument
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[s.address for s in shards],
+                          job="inf", mode=mode, nonfinite=policy)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    holder = [s.store.job("inf") for s in shards]
+    bad = next(t for t in holder[1].tensors)            # a tensor shard 1 holds, shard 0 not
+    list(model.parameters())[bad].grad.view(-1)[0] = float("inf")
+    if policy == "skip":
+        opt.step()
+        assert opt.dropped_steps == 1
+    else:
+        with pytest.raises(InvalidArgument):
+            opt.step()
+    opt.pull_parameters()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert len({job.version for job in holder}) == 1
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()                                          # a finite step then goes through
+    assert not all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
     opt.close()

@@ -8,6 +8,8 @@ there (a real GPU is not made to fault on purpose).
 """
 from __future__ import annotations
 
+import asyncio
+
 import subprocess
 import sys
 import urllib.request
@@ -122,7 +124,7 @@ def test_a_device_fault_stops_the_shard(monkeypatch):
         train(model, opt, 1)
     server.wait()
     assert isinstance(server.fault, cupy.cuda.runtime.CUDARuntimeError)
-    reply = server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    reply = asyncio.run(server.health.Check(health_pb2.HealthCheckRequest(service=""), None))
     assert reply.status != health_pb2.HealthCheckResponse.SERVING
 
 
