@@ -51,11 +51,12 @@ class ShardServer:
             log.info("device memory: %.1f GB of %.1f GB for jobs", limit / 1e9, capacity / 1e9)
         self.config = config
         self.fault: BaseException | None = None
+        self.unsaved: list[str] = []   # the jobs whose checkpoint on stopping failed
         self.metrics = ShardMetrics()
         if capacity is not None:
             self.metrics.watch_device(self.backend.device_report)
         recorder = MetricsRecorder(self.metrics, config.metrics_every, config.max_tensor_series)
-        checkpointer = (Checkpointer(config.checkpoint_dir, config.keep_checkpoints)
+        checkpointer = (Checkpointer(config.checkpoint_dir, config.keep_checkpoints, lock=True)
                         if config.checkpoint_dir else None)
         self.store = ShardStore(self.backend, barrier_timeout=config.barrier_timeout,
                                 observer=recorder, checkpointer=checkpointer,
@@ -160,8 +161,10 @@ class ShardServer:
             self._call(stop())
             self._close_loop()
             if self.fault is None:
-                self.store.checkpoint_all()
+                self.unsaved = self.store.checkpoint_all()
         finally:
+            if self.store.checkpointer is not None:
+                self.store.checkpointer.unlock()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
             log.info("shard on %s stopped", self.address)
@@ -180,11 +183,14 @@ class ShardServer:
 
 # `optserve server`'s exit status after a device fault (EX_SOFTWARE): its supervisor restarts it.
 EXIT_FAULT = 70
+# ... after a shutdown that could not checkpoint every job (EX_TEMPFAIL): a restart restores
+# those jobs from their last checkpoint that was written, older than the shard's state.
+EXIT_UNSAVED = 75
 
 
 def serve(config: ShardConfig) -> int:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully; returns the exit
-    status (0, or EXIT_FAULT after a device fault)."""
+    status (0, EXIT_FAULT after a device fault, EXIT_UNSAVED when a checkpoint failed)."""
     tune_malloc()
     shard = ShardServer(config).start()
     metrics_port = config.metrics_port
@@ -205,4 +211,6 @@ def serve(config: ShardConfig) -> int:
     metrics = f" (metrics on port {metrics_port})" if metrics_port is not None else ""
     print(f"optserve shard listening on {shard.address}{metrics}", flush=True)
     shard.wait()
-    return 0 if shard.fault is None else EXIT_FAULT
+    if shard.fault is not None:
+        return EXIT_FAULT
+    return EXIT_UNSAVED if shard.unsaved else 0

@@ -232,8 +232,9 @@ class Stepper:
             return
         try:
             self.job.checkpointer.save(self.job, work.version, work.checkpoint)
-        except Exception:
-            log.exception("job %r: checkpoint at version %d failed", self.job.name, work.version)
+        except Exception as e:
+            log.exception("job %r: checkpoint at version %d failed, the next due step tries "
+                          "again: %s: %s", self.job.name, work.version, type(e).__name__, e)
 
     def _forget(self, work: StepWork) -> None:
         """Takes a failed step's result out of the retry cache: a retry is then a late step

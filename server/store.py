@@ -110,23 +110,51 @@ class ShardStore:
                    self.checkpointer, self.checkpoint_every, self.check_fault)
 
     def restore_all(self) -> None:
-        """Restores every job from its newest checkpoint that verifies."""
+        """Restores every job from its newest checkpoint that verifies and loads. A defect
+        in one falls back to the job's next older checkpoint, and stops no other job."""
         if self.checkpointer is None:
             return
-        for manifest, spec, state in self.checkpointer.newest_valid():
-            job = self._new_job(spec, manifest["shard"], state.param)
-            with job.cond:
-                job.restore(manifest["version"], state,
-                            {int(w): s for w, s in manifest["worker_steps"].items()})
-            self.jobs[spec.job] = job
-            job.observer.registered(job)
-            log.info("restored job %r at version %d from %s", spec.job, job.version,
-                     self.checkpointer.job_dir(spec.job))
+        for directory, manifests in self.checkpointer.on_disk():
+            for path in manifests:
+                try:
+                    job = self._restore(path)
+                except Exception as e:
+                    # the checks' own errors say what is wrong; anything else needs its type
+                    log.warning("skipping checkpoint %s: %s", path,
+                                e if isinstance(e, (ValueError, OSError)) else repr(e))
+                    continue
+                self.jobs[job.name] = job
+                job.observer.registered(job)
+                log.info("restored job %r at version %d from %s", job.name, job.version, directory)
+                break
+            else:
+                if manifests:
+                    log.error("none of the %d checkpoints in %s restores: its job is not "
+                              "restored (the files stay as they are)", len(manifests), directory)
 
-    def checkpoint_all(self) -> None:
+    def _restore(self, manifest_path) -> Job:
+        manifest, spec, state = self.checkpointer.load(manifest_path)
+        job = self._new_job(spec, manifest["shard"], state.param)
+        with job.cond:
+            job.restore(manifest["version"], state,
+                        {int(w): s for w, s in manifest["worker_steps"].items()})
+        return job
+
+    def checkpoint_all(self) -> list[str]:
+        """Checkpoints every job, whatever becomes of the others' checkpoints; returns the
+        names of those whose checkpoint failed, each logged."""
+        if self.checkpointer is None:
+            return []
+        failed = []
         for job in list(self.jobs.values()):
-            if job.checkpointer is not None:
+            try:
                 job.checkpoint()
+            except Exception as e:
+                log.error("job %r: checkpoint at version %d failed, a restart restores its last "
+                          "one that was written: %s: %s", job.name, job.version,
+                          type(e).__name__, e)
+                failed.append(job.name)
+        return failed
 
     def registration_bytes(self, header: pb.RegisterHeader) -> int:
         """The bytes of initial parameters a registration carries, once its spec is valid

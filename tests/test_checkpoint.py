@@ -1,6 +1,8 @@
 """Durable checkpoints and crash recovery, with shard processes killed for real."""
 from __future__ import annotations
 
+import errno
+import json
 import multiprocessing as mp
 import os
 import random
@@ -20,6 +22,8 @@ from optserve import local
 from optserve.client import RemoteOptimizer, RolledBack
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
+from optserve.server import ShardConfig, ShardServer, checkpoint
+from optserve.server.app import EXIT_UNSAVED
 from optserve.server.checkpoint import Checkpointer
 from support import DEVICE
 
@@ -32,6 +36,18 @@ def start_shard(port: int, directory, every: int = 0, log=None) -> subprocess.Po
     return local.start(local.shard_command(
         "--port", str(port), "--device", DEVICE, "--checkpoint-dir", str(directory),
         "--checkpoint-every", str(every), "--grace", "2"), log).proc
+
+
+def in_process(directory, every: int = 0) -> ShardServer:
+    return ShardServer(ShardConfig(port=0, device=DEVICE, checkpoint_dir=str(directory),
+                                   checkpoint_every=every)).start()
+
+
+def checkpoint_now(address: str, job: str) -> int:
+    """The Checkpoint RPC; returns the version written."""
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.OptimizerStub(channel).Checkpoint(pb.CheckpointRequest(job=job),
+                                                         timeout=30).version
 
 
 def state_of(address: str, job: str) -> tuple[bytes, bytes]:
@@ -285,3 +301,210 @@ def test_a_restarted_worker_rolls_back_shards_that_disagree(tmp_path):
         opt.close()
     finally:
         shards.stop()
+
+
+# ---- what must not lose state: failed writes, long names, damaged manifests, shared directories ----
+
+def trained(address: str, job: str, steps: int) -> tuple[torch.nn.Module, RemoteOptimizer]:
+    """A model and its optimizer on the shard at `address`, `steps` steps into training."""
+    model = make_model()
+    opt = RemoteOptimizer(model.parameters(), "adamw", servers=[address], job=job)
+    train(model, opt, steps)
+    return model, opt
+
+
+def test_a_failed_checkpoint_on_sigterm_stops_no_other_and_the_exit_says_so(tmp_path):
+    """Three jobs; the first's checkpoint cannot be written (a file stands where its
+    directory goes). On SIGTERM the other two are checkpointed all the same, the failure is
+    logged naming the job and the error, and `optserve server` exits EXIT_UNSAVED (75),
+    not 0 (it used to stop at the first failure and exit 0)."""
+    port = local.free_port()
+    log_path = tmp_path.with_name(tmp_path.name + "-shard.log")
+    shard = start_shard(port, tmp_path, log=log_path)
+    try:
+        for job in ("blocked", "second", "third"):
+            trained(f"127.0.0.1:{port}", job, 1)[1].close(leave=False)
+        Checkpointer(tmp_path).job_dir("blocked").write_text("not a directory")
+        shard.send_signal(signal.SIGTERM)
+        assert shard.wait(30) == EXIT_UNSAVED
+    finally:
+        shard.kill()
+        shard.wait()
+    assert [Checkpointer(tmp_path).versions(job) for job in ("second", "third")] == [[1], [1]]
+    assert re.search(r"job 'blocked': checkpoint at version 1 failed.*FileExistsError",
+                     log_path.read_text())
+
+
+def test_a_failed_periodic_checkpoint_is_logged_and_the_job_goes_on(tmp_path, caplog):
+    """A checkpoint due at a step cannot be written: the step is taken all the same (the
+    parameters are torch's), the log names the job and the error, and once the obstacle
+    is gone the next due step writes its checkpoint."""
+    server = in_process(tmp_path, every=1)
+    try:
+        blocked = Checkpointer(tmp_path).job_dir("periodic")
+        blocked.write_text("not a directory")
+        model, reference = make_model(), make_model()
+        opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address],
+                              job="periodic", lr=1e-2)
+        with caplog.at_level("ERROR", logger="optserve.server"):
+            train(model, opt, 2)
+        assert re.search(r"job 'periodic': checkpoint at version 2 failed.*FileExistsError",
+                         caplog.text)
+        blocked.unlink()
+        train(model, opt, 1)
+        assert Checkpointer(tmp_path).versions("periodic") == [3]
+        train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), 3)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        opt.close()
+    finally:
+        server.stop(grace=0)
+
+
+def test_names_too_long_for_a_file_name_are_checkpointed_and_restored(tmp_path):
+    """A job's directory is its name in base64, which for 192 or more UTF-8 bytes is longer
+    than a file name may be (it used to fail the Checkpoint RPC with INTERNAL, and the
+    periodic and shutdown checkpoints silently): such names get a hashed directory. Each
+    name is checkpointed by the RPC, every step and on stopping, and restored."""
+    names = ["a" * 191, "a" * 192, "名" * 85 + "!"]   # 255 base64 characters, 256, 256 bytes
+    server = in_process(tmp_path, every=1)
+    try:
+        before = {}
+        for name in names:
+            _, opt = trained(server.address, name, 2)
+            assert checkpoint_now(server.address, name) == 2
+            before[name] = state_of(server.address, name)
+            opt.close(leave=False)
+    finally:
+        server.stop(grace=0)
+    assert server.unsaved == []
+    server = in_process(tmp_path)
+    try:
+        for name in names:
+            assert Checkpointer(tmp_path).versions(name) == [1, 2]
+            assert state_of(server.address, name) == before[name]
+    finally:
+        server.stop(grace=0)
+
+
+def as_format_1(path) -> None:
+    """Rewrites a manifest as the previous version wrote it (no checksum of its own)."""
+    manifest = json.loads(path.read_text())
+    del manifest["manifest_sha256"]
+    path.write_text(json.dumps({**manifest, "format": 1}, indent=1))
+
+
+def without_worker_steps(text: str) -> str:
+    manifest = json.loads(text)
+    del manifest["worker_steps"]
+    return json.dumps(manifest, indent=1)
+
+
+DAMAGES = {
+    "altered version": lambda text: text.replace('"version": 2,', '"version": 5,'),
+    "undecodable spec": lambda text: re.sub(r'"spec": "[^"]*"', '"spec": "CgVhYg=="', text),
+    "missing key": without_worker_steps,
+    "truncated JSON": lambda text: text[:len(text) // 2],
+}
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_manifest_falls_back_to_the_older_checkpoint(tmp_path, damage, fmt):
+    """The newest manifest of one job is damaged. The shard starts, restores that job from
+    its older checkpoint and the other job from its newest, bit for bit (an altered version
+    used to be restored as it was; a spec that does not decode or a missing key kept the
+    shard from starting at all). In format 2 the manifest's checksum catches the damage;
+    checkpoints of format 1, which the previous version wrote, still restore, and are
+    checked field by field."""
+    server = in_process(tmp_path, every=1)
+    try:
+        states = {}
+        for job in ("damaged", "intact"):
+            model, opt = trained(server.address, job, 1)
+            at_one = state_of(server.address, job)
+            train(model, opt, 1)
+            states[job] = at_one, state_of(server.address, job)
+            opt.close(leave=False)
+    finally:
+        server.stop(grace=0)
+    ckpt = Checkpointer(tmp_path)
+    if fmt == 1:
+        for job in states:
+            for version in (1, 2):
+                as_format_1(ckpt.job_dir(job) / f"{version:012d}.json")
+    newest = ckpt.job_dir("damaged") / f"{2:012d}.json"
+    damaged = DAMAGES[damage](newest.read_text())
+    assert damaged != newest.read_text()
+    newest.write_text(damaged)
+
+    server = in_process(tmp_path)
+    try:
+        assert version_of(server.address, "damaged") == 1
+        assert state_of(server.address, "damaged") == states["damaged"][0]
+        assert version_of(server.address, "intact") == 2
+        assert state_of(server.address, "intact") == states["intact"][1]
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_failed_checkpoint_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The manifest cannot be written after the tensors were (a full disk, say), and a
+    crash left a temporary file. Neither the orphaned tensors, which no pruning used to
+    remove, nor the temporary file outlive the next checkpoint, which succeeds."""
+    server = in_process(tmp_path)
+    try:
+        model, opt = trained(server.address, "orphan", 1)
+        assert checkpoint_now(server.address, "orphan") == 1
+        write = checkpoint._write_atomically
+
+        def disk_full_for_manifests(path, data):
+            if path.suffix == ".json":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(path, data)
+
+        monkeypatch.setattr(checkpoint, "_write_atomically", disk_full_for_manifests)
+        train(model, opt, 1)
+        with pytest.raises(grpc.RpcError) as e:
+            checkpoint_now(server.address, "orphan")
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "No space left on device" in e.value.details()
+        monkeypatch.setattr(checkpoint, "_write_atomically", write)
+        directory = Checkpointer(tmp_path).job_dir("orphan")
+        (directory / f".{3:012d}.safetensors.x1y2z3").write_bytes(b"half written")
+        train(model, opt, 1)
+        assert checkpoint_now(server.address, "orphan") == 3
+        assert sorted(p.name for p in directory.iterdir()) == [
+            f"{v:012d}.{ext}" for v in (1, 3) for ext in ("json", "safetensors")]
+        opt.close()
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_second_shard_on_the_same_checkpoint_directory_refuses_to_start(tmp_path):
+    """Two shards writing one directory would overwrite each other's checkpoints. The
+    first holds it: a second `optserve server`, or ShardServer in-process, refuses to start
+    and names the directory; the first goes on serving. A stopped shard lets it go."""
+    in_use = f"checkpoint directory {tmp_path} is in use by another shard"
+    port = local.free_port()
+    first = start_shard(port, tmp_path)
+    try:
+        trained(f"127.0.0.1:{port}", "held", 1)[1].close(leave=False)
+        second = subprocess.run(local.shard_command("--device", DEVICE, "--checkpoint-dir",
+                                                    str(tmp_path)),
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert in_use in second.stderr and "Traceback" not in second.stderr
+        with pytest.raises(OSError, match=re.escape(in_use)):
+            in_process(tmp_path)
+        assert version_of(f"127.0.0.1:{port}", "held") == 1
+    finally:
+        first.kill()
+        first.wait()
+    server = in_process(tmp_path)   # a killed shard's lock is gone with it
+    try:
+        with pytest.raises(OSError, match=re.escape(in_use)):
+            in_process(tmp_path)
+    finally:
+        server.stop(grace=0)
+    in_process(tmp_path).stop(grace=0)
