@@ -29,13 +29,23 @@ def _server(args: argparse.Namespace) -> int:
             metrics_every=args.metrics_every, max_tensor_series=args.max_tensor_series,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
+            max_rpcs=args.max_rpcs, idle_timeout=args.idle_timeout,
             tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
             tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
-            limits=Limits(args.max_jobs, args.max_params_per_job,
-                          args.max_state_bytes or half_of_memory(), args.max_device_bytes))
+            limits=Limits(max_jobs=args.max_jobs, max_params_per_job=args.max_params_per_job,
+                          max_state_bytes=args.max_state_bytes or half_of_memory(),
+                          max_device_bytes=args.max_device_bytes,
+                          max_inflight_bytes=args.max_inflight_bytes))
         return serve(config)
     except (OSError, ValueError) as e:   # a port taken, a tokens file that does not parse, ...
         raise SystemExit(f"optserve server: {e}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def _port(text: str) -> int:
@@ -154,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-device-bytes", type=_positive, default=None,
                         help="GPU memory all jobs may hold: state, gradient buffers, scratch "
                              "(default: 90%% of the GPU's)")
+    server.add_argument("--max-inflight-bytes", type=_positive, default=1 << 30,
+                        help="bytes all uploads and downloads in flight may hold outside the "
+                             "jobs' state (registrations, optimizer states); one call may "
+                             "exceed it alone (default: 1 GiB)")
+    server.add_argument("--max-rpcs", type=_positive, default=4096,
+                        help="calls open at once; beyond it RESOURCE_EXHAUSTED (default 4096)")
+    server.add_argument("--idle-timeout", type=_positive_float, default=60.0,
+                        help="seconds a call may wait for its client's next message, or for "
+                             "it to take the next one of the answer (default 60)")
     server.add_argument("--gpu", type=_nonnegative, default=None,
                         help="the GPU this shard uses (sets CUDA_VISIBLE_DEVICES; one shard per GPU)")
     server.set_defaults(func=_server)

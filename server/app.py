@@ -62,29 +62,39 @@ class ShardServer:
                                 observer=recorder, checkpointer=checkpointer,
                                 checkpoint_every=config.checkpoint_every, limits=config.limits)
         self.store.on_fault = self._on_fault
-        self.store.restore_all()
+        try:
+            self.store.restore_all()
+            self.port = self._serve_loop()
+        except BaseException:
+            if checkpointer is not None:   # another shard may take the directory at once
+                checkpointer.unlock()
+            raise
+        self.host = config.host
+        self.address = f"{config.host}:{self.port}"
+        self._stopped = threading.Event()
+        self._finished = threading.Event()
+        self._metrics_http = None
+
+    def _serve_loop(self) -> int:
+        """Starts the event loop's thread and builds the server on it; returns its port."""
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(futures.ThreadPoolExecutor(
-            max_workers=config.max_threads, thread_name_prefix="optserve"))
+            max_workers=self.config.max_threads, thread_name_prefix="optserve"))
         self._loop_thread = threading.Thread(target=self.loop.run_forever,
                                              name="optserve-loop", daemon=True)
         self._loop_thread.start()
         try:
-            self.port = self._call(self._build())
+            port = self._call(self._build())
+            if port == 0:
+                config = self.config
+                raise OSError(f"could not bind {config.host}:{config.port}: the port is taken, or "
+                              "the host is not an address of this machine" + (
+                                  "; or gRPC could not load the TLS certificate and key"
+                                  if config.tls else ""))
         except BaseException:
             self._close_loop()
             raise
-        host, port, tls = config.host, config.port, config.tls
-        if self.port == 0:
-            self._close_loop()
-            raise OSError(f"could not bind {host}:{port}: the port is taken, or the host is not "
-                          "an address of this machine" + ("; or gRPC could not load the TLS "
-                                                          "certificate and key" if tls else ""))
-        self.host = host
-        self.address = f"{host}:{self.port}"
-        self._stopped = threading.Event()
-        self._finished = threading.Event()
-        self._metrics_http = None
+        return port
 
     async def _build(self) -> int:
         """The aio server, made in the loop it serves on; returns its port (0: not bound)."""

@@ -2,9 +2,12 @@
 
 Each case opens more calls than the shard has worker threads (64 by default): a design with
 a thread per waiting call fails all of them. Loopback only; every call is bounded in time.
+OPTSERVE_HOSTILE_SCALE=k multiplies the idle streams and the sync workers by k (the soak in
+bench/results/soak.md).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -23,6 +26,7 @@ from optserve.server.config import Limits
 from support import DEVICE
 
 THREADS = ShardConfig().max_threads
+SCALE = int(os.environ.get("OPTSERVE_HOSTILE_SCALE", "1"))
 
 
 @pytest.fixture
@@ -60,17 +64,20 @@ def test_idle_streams_of_every_kind_stall_no_one(shard, never):
     """More silent streams than threads, of every streaming method anyone may open (Step and
     RegisterJob before their header, Health.Watch, reflection): the health check and
     another job's steps stay fast."""
-    channel = grpc.insecure_channel(shard.address)
-    stub = pb_grpc.OptimizerStub(channel)
-    watch = health_pb2_grpc.HealthStub(channel)
-    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    calls = []
-    for _ in range(THREADS + 16):
+    calls, channels = [], []
+    for i in range(SCALE * (THREADS + 16)):
+        if i % 100 == 0:   # each its own connection: HTTP/2 allows 1024 streams on one
+            channels.append(grpc.insecure_channel(shard.address,
+                                                  options=[("grpc.use_local_subchannel_pool", 1)]))
+            stub = pb_grpc.OptimizerStub(channels[-1])
+            watch = health_pb2_grpc.HealthStub(channels[-1])
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channels[-1])
         calls.append(stub.Step(never(), timeout=60))
         calls.append(stub.RegisterJob.future(never(), timeout=60))
         calls.append(watch.Watch(health_pb2.HealthCheckRequest(), timeout=60))
         calls.append(reflect.ServerReflectionInfo(never(reflection_pb2.ServerReflectionRequest(
             list_services="")), timeout=60))
+    channel = grpc.insecure_channel(shard.address)
     try:
         time.sleep(1.0)   # every call has reached the shard
         assert health_check_seconds(channel) < 2.0
@@ -80,19 +87,20 @@ def test_idle_streams_of_every_kind_stall_no_one(shard, never):
     finally:
         for call in calls:
             call.cancel()
-        channel.close()
+        for c in [channel, *channels]:
+            c.close()
 
 
 def test_a_sync_job_of_more_workers_than_threads_steps(shard):
     """Every worker of a sync round waits at the barrier; none holds a thread doing so. The
     step is the mean of the workers' gradients (rank order), as torch's AdamW takes it."""
-    workers = THREADS + 36
+    workers = SCALE * (THREADS + 36)
     torch.manual_seed(0)
     start = torch.randn(4, 3)
     grads = [torch.randn(4, 3) for _ in range(workers)]
     params = [torch.nn.Parameter(start.clone()) for _ in range(workers)]
     opts = [RemoteOptimizer([p], "adamw", servers=[shard.address], job="wide", rank=w,
-                            world_size=workers, lr=1e-2, rpc_timeout=60.0)
+                            world_size=workers, lr=1e-2, rpc_timeout=60.0 * SCALE)
             for w, p in enumerate(params)]
     try:
         for p, g in zip(params, grads):
@@ -108,7 +116,7 @@ def test_a_sync_job_of_more_workers_than_threads_steps(shard):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(60 * SCALE)
         assert not errors, errors[:3]
         oracle = torch.nn.Parameter(start.clone())
         torch_opt = torch.optim.AdamW([oracle], lr=1e-2)
