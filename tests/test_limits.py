@@ -229,6 +229,7 @@ def test_a_long_unknown_job_name_is_quoted_only_in_part(held):
     long = "x" * (1 << 20)
     state = state_messages(held, HELD)
     state[0].header.job = long
+    before = snapshot(held, HELD)
     for call in (lambda: list(held.PullParameters(pb.PullParametersRequest(job=long))),
                  lambda: list(held.GetOptimizerState(pb.GetOptimizerStateRequest(job=long))),
                  lambda: held.SetOptimizerState(iter(state)),
@@ -241,6 +242,7 @@ def test_a_long_unknown_job_name_is_quoted_only_in_part(held):
             call()
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "unknown job 'xxxx" in e.value.details() and len(e.value.details()) < 400
+    assert snapshot(held, HELD) == before
 
 
 # ---- tensors -------------------------------------------------------------------------------
