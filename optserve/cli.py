@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPU memory all jobs may hold: state, gradient buffers, scratch "
                              "(default: 90%% of the GPU's)")
     server.add_argument("--max-workers", type=_positive, default=4096,
-                        help="workers per job")
+                        help="workers per job (default: %(default)s)")
     server.add_argument("--max-shards", type=_positive, default=1024,
-                        help="shards a job may be spread over")
+                        help="shards a job may be spread over (default: %(default)s)")
     server.add_argument("--max-tensors", type=_positive, default=None,
                         help="tensors per job, and parameter groups (default: the most for which "
                              "every header, the optimizer state's too, fits a gRPC message "
