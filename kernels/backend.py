@@ -159,6 +159,10 @@ class Backend(Protocol):
                      wire_itemsize: int) -> int:
         """Device memory a job of this size holds (0 for a host backend)."""
 
+    def worker_bytes(self, numel: int, tensors: int, workers: int) -> int:
+        """Host memory a job's state holds for its workers' gradients once each has sent
+        one, beyond its parameters and optimizer state."""
+
     def device_capacity(self) -> int | None:
         """The device's memory in bytes; None for a host backend."""
 

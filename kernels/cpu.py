@@ -25,7 +25,7 @@ from optserve.kernels import registry
 from optserve.kernels.backend import StepResult, begin_step
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
-from optserve.kernels.state import HostState
+from optserve.kernels.state import HostState, host_worker_bytes
 
 name = "cpu"
 # A step may be taken in several calls over disjoint sets of tensors at no extra cost: the
@@ -72,6 +72,10 @@ def new_state(layout: FlatLayout, params: np.ndarray) -> HostState:
 
 def device_bytes(numel: int, tensors: int, state_bytes: int, workers: int, wire_itemsize: int) -> int:
     return 0
+
+
+def worker_bytes(numel: int, tensors: int, workers: int) -> int:
+    return host_worker_bytes(numel, workers)
 
 
 def device_capacity() -> None:

@@ -324,10 +324,18 @@ def new_state(layout: FlatLayout, params: np.ndarray):
 
 def device_bytes(numel: int, tensors: int, state_bytes: int, workers: int, wire_itemsize: int) -> int:
     """What a DeviceState of this job holds: its state, a gradient buffer per worker (wire
-    dtype), the sync mean, the reply's encoding, and the plans' tables and scratch (at most
-    about half a byte per parameter and 2 KiB per tensor)."""
+    dtype) with its NaN/Inf counts per tile and per tensor, the sync mean, the reply's
+    encoding, and the plans' tables and scratch (at most about half a byte per parameter and
+    2 KiB per tensor)."""
     mean = 4 * numel if workers > 1 else 0
-    return state_bytes + workers * wire_itemsize * numel + mean + 4 * numel + numel // 2 + 2048 * tensors
+    per_worker = wire_itemsize * numel + 8 * (numel // (TR * TC) + 2 * tensors)
+    return state_bytes + workers * per_worker + mean + 4 * numel + numel // 2 + 2048 * tensors
+
+
+def worker_bytes(numel: int, tensors: int, workers: int) -> int:
+    """Host memory a DeviceState holds for its workers (their gradients are on the device)."""
+    from optserve.kernels.cuda_state import host_bytes_per_worker
+    return workers * host_bytes_per_worker(tensors)
 
 
 def device_capacity() -> int:

@@ -35,6 +35,13 @@ from optserve.proto.wire import CHUNK_BYTES, Assembler
 # encoding constant.
 _DEVICE_DTYPE = {pb.FLOAT32: np.float32, pb.BFLOAT16: np.uint16, pb.FLOAT16: np.float16}
 _KIND = {pb.FLOAT32: cuda.GK_F32, pb.BFLOAT16: cuda.GK_BF16, pb.FLOAT16: cuda.GK_F16}
+# Page-locked slots per worker: a chunk lands in one while the other's copy runs.
+SLOTS = 2
+
+
+def host_bytes_per_worker(tensors: int) -> int:
+    """Host memory a DeviceState holds per worker: its page-locked slots and NaN/Inf counts."""
+    return SLOTS * CHUNK_BYTES + 8 * tensors
 
 
 class DeviceState:
@@ -63,7 +70,7 @@ class DeviceState:
         if grad is None or grad.dtype != _DEVICE_DTYPE[wire]:
             grad = self.grads[worker] = self.rt.empty(self.layout.numel, _DEVICE_DTYPE[wire])
         if worker not in self.slots:
-            self.slots[worker] = [_Slot(self.rt) for _ in range(2)]
+            self.slots[worker] = [_Slot(self.rt) for _ in range(SLOTS)]
         return _Receiver(self, worker, grad, WIRE_ITEMSIZE[wire], tensors, what)
 
     def _count_nonfinite(self, worker: int, tensors: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from optserve.kernels import registry
 from optserve.kernels.backend import StepResult, StepSums, begin_step
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
-from optserve.kernels.state import HostState
+from optserve.kernels.state import HostState, host_worker_bytes
 
 name = "reference"
 steps_in_parts = True
@@ -61,6 +61,10 @@ def new_state(layout: FlatLayout, params: np.ndarray) -> HostState:
 
 def device_bytes(numel: int, tensors: int, state_bytes: int, workers: int, wire_itemsize: int) -> int:
     return 0
+
+
+def worker_bytes(numel: int, tensors: int, workers: int) -> int:
+    return host_worker_bytes(numel, workers)
 
 
 def device_capacity() -> None:

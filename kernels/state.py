@@ -125,6 +125,12 @@ class BufferPool:
                 spare.append(base)
 
 
+def host_worker_bytes(numel: int, workers: int) -> int:
+    """What a HostState holds for its workers' gradients: a float32 buffer each and, with
+    several workers, the sync mean."""
+    return 4 * numel * (workers + (workers > 1))
+
+
 class HostState:
     """A job's state in NumPy, stepped by a host backend (cpu or reference). Each worker's
     gradient is decoded into its own float32 buffer as it arrives, reused every step."""

@@ -13,10 +13,8 @@ def _server(args: argparse.Namespace) -> int:
     if args.gpu is not None:  # read by CUDA when it first initialises, after this
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     from optserve.server import Limits, ShardConfig, TLSFiles, serve
-    from optserve.server.config import half_of_memory
+    from optserve.server.config import half_of_memory, most_tensors
     from optserve.server.interceptors import load_tokens
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("optserve server: --tls-cert and --tls-key go together")
     for flag in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
@@ -30,14 +28,17 @@ def _server(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
             max_rpcs=args.max_rpcs, idle_timeout=args.idle_timeout,
-            tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+            tls=(TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+                 if args.tls_cert or args.tls_key or args.tls_client_ca else None),
             tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
             limits=Limits(max_jobs=args.max_jobs, max_params_per_job=args.max_params_per_job,
                           max_state_bytes=args.max_state_bytes or half_of_memory(),
-                          max_device_bytes=args.max_device_bytes,
+                          max_device_bytes=args.max_device_bytes, max_workers=args.max_workers,
+                          max_shards=args.max_shards,
+                          max_tensors=args.max_tensors or most_tensors(),
                           max_inflight_bytes=args.max_inflight_bytes))
         return serve(config)
-    except (OSError, ValueError) as e:   # a port taken, a tokens file that does not parse, ...
+    except (OSError, ValueError) as e:   # a port taken, TLS without a certificate, ...
         raise SystemExit(f"optserve server: {e}") from None
 
 
@@ -160,10 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-jobs", type=_positive, default=64)
     server.add_argument("--max-params-per-job", type=_positive, default=2_000_000_000)
     server.add_argument("--max-state-bytes", type=_positive, default=None,
-                        help="parameters + optimizer state over all jobs (default: half of RAM)")
+                        help="host memory all jobs may hold: parameters, optimizer state, and "
+                             "per worker gradient buffers, cached replies and bookkeeping "
+                             "(default: half of RAM)")
     server.add_argument("--max-device-bytes", type=_positive, default=None,
                         help="GPU memory all jobs may hold: state, gradient buffers, scratch "
                              "(default: 90%% of the GPU's)")
+    server.add_argument("--max-workers", type=_positive, default=4096,
+                        help="workers per job (default: %(default)s)")
+    server.add_argument("--max-shards", type=_positive, default=1024,
+                        help="shards a job may be spread over (default: %(default)s)")
+    server.add_argument("--max-tensors", type=_positive, default=None,
+                        help="tensors per job, and parameter groups (default: the most for which "
+                             "every header, the optimizer state's too, fits a gRPC message "
+                             "whatever the shapes)")
     server.add_argument("--max-inflight-bytes", type=_positive, default=1 << 30,
                         help="bytes all uploads and downloads in flight may hold outside the "
                              "jobs' state (registrations, optimizer states); one call may "

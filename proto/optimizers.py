@@ -6,7 +6,6 @@ It has no heavy dependencies (no torch, no numba).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -105,9 +104,19 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidArgument(message)
 
 
+# The kernels compute in float32 with coefficients formed in float64: every hyperparameter,
+# and every coefficient formed from them alone, must be a finite float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fits_float32(what: str, value: float) -> None:
+    _check(abs(value) <= FLOAT32_MAX, f"{what} must be finite in float32 (at most "
+                                      f"{FLOAT32_MAX:.8g} in size), got {value}")
+
+
 def _finite(h: pb.Hyperparameters, *names: str) -> None:
     for name in names:
-        _check(math.isfinite(getattr(h, name)), f"{name} must be finite, got {getattr(h, name)}")
+        _fits_float32(name, getattr(h, name))
 
 
 def _validate_adam(h: pb.Hyperparameters) -> None:
@@ -117,12 +126,19 @@ def _validate_adam(h: pb.Hyperparameters) -> None:
     _check(h.eps >= 0, f"eps must be >= 0, got {h.eps}")
     _check(h.weight_decay >= 0, f"weight_decay must be >= 0, got {h.weight_decay}")
     _check(not h.amsgrad, "amsgrad is not supported by optserve v1")
+    # the step size lr/(1 − β1^t) is largest at t = 1
+    _fits_float32("lr / (1 - beta1)", h.lr / (1.0 - h.beta1))
 
 
 def _validate_decay_mode(h: pb.Hyperparameters) -> None:
+    """Decoupled decay multiplies θ by 1 − lr·λ, 1 − (lr/lr₀)·λ or 1 − λ (kernels/hyper.py)."""
     _check(h.weight_decay_mode in DECAY_MODE_NAMES, f"unknown weight_decay_mode {h.weight_decay_mode}")
     if h.weight_decay_mode == pb.WEIGHT_DECAY_SCHEDULE:
         _check(h.initial_lr > 0, "weight_decay_mode='schedule' needs an initial lr > 0")
+        _finite(h, "initial_lr")
+        _fits_float32("lr / initial_lr * weight_decay", h.lr / h.initial_lr * h.weight_decay)
+    elif h.weight_decay_mode == pb.WEIGHT_DECAY_LR:
+        _fits_float32("lr * weight_decay", h.lr * h.weight_decay)
 
 
 def _validate_adamw(h):
@@ -143,6 +159,7 @@ def _validate_adamp(h):
     _finite(h, "delta", "wd_ratio")
     _check(h.delta > 0, f"delta must be > 0, got {h.delta}")
     _check(0 <= h.wd_ratio <= 1, f"wd_ratio must be in [0, 1], got {h.wd_ratio}")
+    _fits_float32("lr * weight_decay", h.lr * h.weight_decay)   # θ·(1 − lr·λ·ratio)
 
 
 def _validate_adafactor(h):
@@ -156,6 +173,10 @@ def _validate_adafactor(h):
     _check(h.eps >= 0 and h.eps2 >= 0, "eps must be >= 0")
     if h.HasField("adafactor_beta1"):
         _check(0 <= h.adafactor_beta1 < 1, f"beta1 must be in [0, 1), got {h.adafactor_beta1}")
+    # the step size α is at least lr·ε2 (scale_parameter) or lr; decay takes θ·λ·α
+    alpha = h.lr * (h.eps2 if h.scale_parameter else 1.0)
+    _fits_float32("the step size", alpha)
+    _fits_float32("weight_decay times the step size", h.weight_decay * alpha)
 
 
 def _group_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> float:

@@ -17,6 +17,10 @@ from optserve.proto.v1 import optserve_pb2 as pb
 
 Key = tuple[int, str]            # (spec index of the tensor, field name)
 
+# The largest step count a client may set. The kernels take counts as float64, exact up to
+# 2^53: from here 2^52 more steps stay exact, and their int64 is far from wrapping.
+MAX_STEP = 2**52 - 1
+
 
 def pack(header: pb.StateHeader, entries: Iterable[tuple[int, str, np.ndarray]]) -> bytes:
     """Adds each (tensor, field, values) to header.entries, back to back, sets total_bytes,
@@ -34,9 +38,14 @@ def pack(header: pb.StateHeader, entries: Iterable[tuple[int, str, np.ndarray]])
 def check_layout(header: pb.StateHeader, expected: Mapping[Key, tuple[int, ...]], what: str,
                  names: Mapping[int, str] | None = None) -> None:
     """Refuses (InvalidArgument) a header whose entries are not exactly `expected`, each of
-    its shape, contiguous from byte 0, with total_bytes their sum: checked before a single
-    payload byte is received or allocated. `names` name the tensors in messages."""
+    its shape, contiguous from byte 0, with total_bytes their sum, or with a step count over
+    MAX_STEP: checked before a single payload byte is received or allocated. `names` name
+    the tensors in messages."""
     name = (lambda t: repr(names[t])) if names else str
+    for t, step in zip(header.tensors, header.steps):
+        if step > MAX_STEP:
+            raise InvalidArgument(f"{what}: tensor {name(t)} has step count {step}; at most "
+                                  f"2^52 - 1 ({MAX_STEP}) may be set")
     got = {(e.tensor, e.field): e for e in header.entries}
     if set(got) != set(expected) or len(got) != len(header.entries):
         raise InvalidArgument(f"{what}: state entries {sorted(got)} do not match the expected "

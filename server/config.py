@@ -8,20 +8,35 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from optserve.proto.spec import tensors_that_fit
+from optserve.proto.wire import MAX_MESSAGE_BYTES
+
 
 def half_of_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
+def most_tensors() -> int:
+    """The default of max_tensors: any job within it has headers (its optimizer state's
+    too) that fit in half of a gRPC message, whatever its shapes."""
+    return tensors_that_fit(MAX_MESSAGE_BYTES)
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED."""
+    """What one shard accepts; beyond it registration answers RESOURCE_EXHAUSTED. The
+    counts are checked before anything is placed or allocated."""
     max_jobs: int = 64
     max_params_per_job: int = 2_000_000_000
-    # parameters + optimizer state over all jobs; by default half of this machine's memory
+    # over all jobs: parameters, optimizer state, and what a job keeps per worker (gradient
+    # buffers, cached replies, bookkeeping); by default half of this machine's memory
     max_state_bytes: int = field(default_factory=half_of_memory)
     # what all jobs hold on the GPU (state, gradient buffers, scratch); None: 90 % of it
     max_device_bytes: int | None = None
+    max_workers: int = 4096            # per job
+    max_shards: int = 1024             # a job's num_shards
+    # per job, and as many parameter groups
+    max_tensors: int = field(default_factory=most_tensors)
     # what calls hold in flight outside the state (server/budget.py); one may exceed it alone
     max_inflight_bytes: int = 1 << 30
 
@@ -33,6 +48,13 @@ class TLSFiles:
     cert: str
     key: str
     client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        # Without its own certificate a shard cannot serve TLS, and client_ca alone would
+        # leave it serving plaintext to anyone.
+        if not (self.cert and self.key):
+            raise ValueError("TLS needs the shard's certificate and its key (--tls-cert and "
+                             "--tls-key); --tls-client-ca only adds client certificates to them")
 
     def credentials(self) -> grpc.ServerCredentials:
         read = lambda path: pathlib.Path(path).read_bytes()   # noqa: E731

@@ -12,7 +12,8 @@ import numpy as np
 from optserve.proto import optimizers
 from optserve.proto.errors import (FailedPrecondition, InvalidArgument, NotFound,
                                    ResourceExhausted, Unavailable)
-from optserve.proto.spec import WIRE_ITEMSIZE, dtype_name, numel, shard_tensors, spec_key
+from optserve.proto.spec import (MAX_DIMS, MAX_NAME_BYTES, WIRE_ITEMSIZE, dtype_name, numel,
+                                 shard_tensors, spec_key)
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk
 from optserve.server.config import Limits
@@ -20,6 +21,12 @@ from optserve.server.job import Job
 from optserve.server.reply import Result
 
 log = logging.getLogger("optserve.server")
+
+# What a job keeps per worker outside its state: a lock, its barrier membership, session
+# and last step (about 400 bytes measured; counted with room to spare).
+WORKER_BOOKKEEPING_BYTES = 1024
+# An unknown job's name is quoted in messages up to this many characters.
+QUOTED_NAME_CHARS = 64
 
 
 class ShardStore:
@@ -48,9 +55,9 @@ class ShardStore:
         try:
             return self.jobs[name]
         except KeyError:
-            raise NotFound(f"unknown job {name!r} on this shard (never registered, deleted, or "
-                           "lost in a restart: without --checkpoint-dir, or before its first "
-                           "checkpoint)") from None
+            raise NotFound(f"unknown job {_quoted(name)} on this shard (never registered, "
+                           "deleted, or lost in a restart: without --checkpoint-dir, or before "
+                           "its first checkpoint)") from None
 
     def delete(self, name: str) -> None:
         """Forgets the job, its metric series and its checkpoints. The name stays reserved
@@ -80,6 +87,29 @@ class ShardStore:
             job.observer.sent(job, len(result.payload), time.perf_counter() - start)
         await job.step(header, body, timed)
 
+    def _check_counts(self, spec: pb.JobSpec) -> None:
+        """Refuses a spec with more workers, shards, tensors or groups than the shard takes,
+        before anything is placed or allocated for them."""
+        limits = self.limits
+        for what, count, limit in (("workers", spec.num_workers, limits.max_workers),
+                                   ("shards", spec.num_shards, limits.max_shards),
+                                   ("tensors", len(spec.tensors), limits.max_tensors),
+                                   ("parameter groups", len(spec.groups), limits.max_tensors)):
+            if count > limit:
+                raise ResourceExhausted(f"job spec: {count} {what}, over this shard's limit "
+                                        f"of {limit}")
+
+    def _host_bytes(self, spec: pb.JobSpec, numel: int, tensors: int, state: int) -> int:
+        """What a job holds in host memory for its life (max_state_bytes bounds it): its
+        parameters and optimizer state (`state` bytes), the gradient buffers its state keeps
+        per worker, the results its retry cache keeps per worker (async; a sync round's
+        workers share one) and the bookkeeping per worker."""
+        workers = spec.num_workers
+        cached = workers if spec.mode == pb.ASYNC else 1
+        result = numel * WIRE_ITEMSIZE[spec.param_dtype or pb.FLOAT32] + 8 * tensors
+        return (state + self.backend.worker_bytes(numel, tensors, workers) + cached * result
+                + workers * WORKER_BOOKKEEPING_BYTES)
+
     def _check_limits(self, spec: pb.JobSpec, local: list[int]) -> None:
         """Refuses a new job that would take the shard over a limit, before allocating it."""
         params = sum(numel(spec.tensors[t].shape) for t in local)
@@ -88,7 +118,9 @@ class ShardStore:
             numel(shape) for t in local
             for shape in info.state_fields(tuple(spec.tensors[t].shape),
                                            spec.groups[spec.tensors[t].group]).values())
-        held = sum(j.layout.state_bytes() for j in self.jobs.values())
+        need = self._host_bytes(spec, params, len(local), state)
+        held = sum(self._host_bytes(j.spec, j.layout.numel, j.layout.num_tensors,
+                                    j.layout.state_bytes()) for j in self.jobs.values())
         device = self.backend.device_bytes(params, len(local), state, spec.num_workers,
                                            WIRE_ITEMSIZE[spec.grad_dtype])
         held_device = sum(j.device_bytes for j in self.jobs.values())
@@ -97,9 +129,11 @@ class ShardStore:
         if params > self.limits.max_params_per_job:
             raise ResourceExhausted(f"job {spec.job!r} has {params} parameters on this shard, "
                                     f"over the limit of {self.limits.max_params_per_job}")
-        if held + state > self.limits.max_state_bytes:
-            raise ResourceExhausted(f"job {spec.job!r} needs {state} bytes of state; the shard "
-                                    f"holds {held} of its {self.limits.max_state_bytes}")
+        if held + need > self.limits.max_state_bytes:
+            raise ResourceExhausted(f"job {spec.job!r} needs {need} bytes of state ({state} for "
+                                    f"parameters and optimizer state, the rest for its "
+                                    f"{spec.num_workers} workers); the shard holds {held} of "
+                                    f"its {self.limits.max_state_bytes}")
         if device and held_device + device > (self.limits.max_device_bytes or 0):
             raise ResourceExhausted(f"job {spec.job!r} needs {device} bytes of device memory; "
                                     f"the shard's jobs hold {held_device} of its "
@@ -160,6 +194,7 @@ class ShardStore:
         """The bytes of initial parameters a registration carries, once its spec is valid
         and the job would fit (checked again when it is created)."""
         spec = header.spec
+        self._check_counts(spec)
         validate_spec(spec, header.shard, header.worker)
         existing = self.jobs.get(spec.job)
         if existing is not None:
@@ -201,15 +236,22 @@ def validate_spec(spec: pb.JobSpec, shard: int, worker: int) -> None:
             raise InvalidArgument(f"job spec: {message}")
 
     check(bool(spec.job), "the job needs a name")
+    check(len(spec.job.encode()) <= MAX_NAME_BYTES,
+          f"the job name has {len(spec.job.encode())} UTF-8 bytes, at most {MAX_NAME_BYTES} may")
     info = optimizers.get(spec.optimizer)
     check(len(spec.tensors) > 0, "no tensors")
     check(len(spec.groups) > 0, "no parameter groups")
     names = [t.name for t in spec.tensors]
     check(all(names), "every tensor needs a name")
+    for i, name in enumerate(names):
+        check(len(name.encode()) <= MAX_NAME_BYTES, f"the name of tensor {i} has "
+              f"{len(name.encode())} UTF-8 bytes, at most {MAX_NAME_BYTES} may")
     check(len(set(names)) == len(names), "tensor names must be unique")
     for t in spec.tensors:
-        check(len(t.shape) > 0 and all(d > 0 for d in t.shape),
-              f"tensor {t.name!r} has shape {tuple(t.shape)}; dims must be positive (scalars as [1])")
+        check(0 < len(t.shape) <= MAX_DIMS, f"tensor {t.name!r} has {len(t.shape)} dims; 1 to "
+                                            f"{MAX_DIMS} may (scalars as [1])")
+        check(all(d > 0 for d in t.shape),
+              f"tensor {t.name!r} has shape {tuple(t.shape)}; dims must be positive")
         check(t.group < len(spec.groups), f"tensor {t.name!r} names group {t.group}, "
                                           f"there are {len(spec.groups)}")
     for h in spec.groups:
@@ -226,6 +268,14 @@ def validate_spec(spec: pb.JobSpec, shard: int, worker: int) -> None:
           "unknown param_dtype")
     check(math.isfinite(spec.barrier_timeout_s) and spec.barrier_timeout_s >= 0,
           "barrier_timeout_s must be >= 0")
+
+
+def _quoted(name: str) -> str:
+    """A job name from a request, quoted for a message: cut short when it is long (it may
+    be any size, and messages are logged)."""
+    if len(name) <= QUOTED_NAME_CHARS:
+        return repr(name)
+    return f"{name[:QUOTED_NAME_CHARS]!r}... ({len(name.encode())} UTF-8 bytes)"
 
 
 def _check_same_spec(job: Job, spec: pb.JobSpec, shard: int) -> None:

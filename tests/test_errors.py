@@ -32,12 +32,12 @@ def job(shard):
     opt.close()
 
 
-def snapshot(stub) -> tuple[bytes, bytes, bytes]:
+def snapshot(stub, job: str = JOB) -> tuple[bytes, bytes, bytes]:
     """Parameters, state header and state payload as the shard reports them."""
-    params = b"".join(m.chunk.data for m in stub.PullParameters(pb.PullParametersRequest(job=JOB))
+    params = b"".join(m.chunk.data for m in stub.PullParameters(pb.PullParametersRequest(job=job))
                       if m.WhichOneof("kind") == "chunk")
     header, payload = None, []
-    for m in stub.GetOptimizerState(pb.GetOptimizerStateRequest(job=JOB)):
+    for m in stub.GetOptimizerState(pb.GetOptimizerStateRequest(job=job)):
         if m.WhichOneof("kind") == "header":
             header = m.header.SerializeToString(deterministic=True)
         else:
@@ -68,13 +68,13 @@ def send_step(stub, header, payload=b"", chunk_list=None):
     return list(stub.Step(iter(msgs)))
 
 
-def refused(stub, call, code, fragment):
-    before = snapshot(stub)
+def refused(stub, call, code, fragment, job: str = JOB):
+    before = snapshot(stub, job)
     with pytest.raises(grpc.RpcError) as e:
         call()
     assert e.value.code() == code, e.value.details()
     assert fragment in e.value.details(), e.value.details()
-    assert snapshot(stub) == before, "a refused request changed the stored state"
+    assert snapshot(stub, job) == before, "a refused request changed the stored state"
 
 
 def test_unknown_job(job):
