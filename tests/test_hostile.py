@@ -100,7 +100,7 @@ def test_a_sync_job_of_more_workers_than_threads_steps(shard):
     grads = [torch.randn(4, 3) for _ in range(workers)]
     params = [torch.nn.Parameter(start.clone()) for _ in range(workers)]
     opts = [RemoteOptimizer([p], "adamw", servers=[shard.address], job="wide", rank=w,
-                            world_size=workers, lr=1e-2, rpc_timeout=60.0 * SCALE)
+                            world_size=workers, lr=1e-2, rpc_timeout=60.0 * SCALE, retries=0)
             for w, p in enumerate(params)]
     try:
         for p, g in zip(params, grads):
@@ -112,11 +112,13 @@ def test_a_sync_job_of_more_workers_than_threads_steps(shard):
                 opt.step()
             except Exception as e:   # reported below
                 errors.append(e)
-        threads = [threading.Thread(target=step, args=(o,)) for o in opts]
+        threads = [threading.Thread(target=step, args=(o,), daemon=True) for o in opts]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60 * SCALE
         for t in threads:
-            t.join(60 * SCALE)
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "workers still wait for their step"
         assert not errors, errors[:3]
         oracle = torch.nn.Parameter(start.clone())
         torch_opt = torch.optim.AdamW([oracle], lr=1e-2)
