@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterable, Iterable
@@ -21,7 +22,6 @@ from optserve.proto.errors import Aborted, FailedPrecondition, InvalidArgument, 
 from optserve.proto.spec import DropReason, dtype_name
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk
-from optserve.server.aio import offload
 
 log = logging.getLogger("optserve.server")
 
@@ -50,6 +50,7 @@ class Admission:
     def __init__(self, job: "Job"):
         self.job = job
         self.sessions: dict[int, str] = {}           # worker -> the client that holds it
+        self.sessions_lock = threading.Lock()         # never held long: taken in the event loop
         self.worker_locks: dict[int, asyncio.Lock] = {}   # made at a worker's first step
         self.uploads: dict[int, tuple[str, asyncio.Task]] = {}   # worker -> (session, call)
         self.preempted: set[asyncio.Task] = set()    # uploads cancelled by preempt()
@@ -68,7 +69,7 @@ class Admission:
         checkpoint knows none: the first to step holds it)."""
         if not session:
             return
-        with self.job.cond:
+        with self.sessions_lock:
             holder = self.sessions.setdefault(worker, session)
         if holder != session:
             raise FailedPrecondition(
@@ -98,17 +99,18 @@ class Admission:
                     f"job {job.name!r}: step {header.step} from worker {worker} is out of "
                     f"order; the job is at version {job.version} and expects step {expected}")
 
-    async def receive(self, header: pb.StepHeader, chunks: AsyncIterable[RawChunk]) -> Contribution:
-        """Validates the header, receives the whole payload and decodes it. No state is
-        touched. Each chunk is handed to the state on the worker pool as it arrives; between
-        chunks the call holds no thread, and a newer client of its worker may pre-empt it."""
-        receiver = await offload(self._open, header)
+    async def receive(self, header: pb.StepHeader, receiver, chunks: AsyncIterable[RawChunk]) -> float:
+        """Receives the payload into `receiver` (from `open`); returns the seconds it took.
+        Each chunk is handed to the state as it arrives, in the event loop (a copy of at
+        most 4 MiB: measured, a hand-off to the worker pool per chunk cost more than it
+        freed); between chunks the call holds no thread, and a newer client of its worker
+        may pre-empt it."""
         start = time.perf_counter()
         me = asyncio.current_task()
         self.uploads[header.worker] = (header.session, me)
         try:
             async for chunk in chunks:
-                await offload(receiver.add, chunk)
+                receiver.add(chunk)
         except asyncio.CancelledError:
             if me not in self.preempted:
                 raise
@@ -120,7 +122,7 @@ class Admission:
         finally:
             if self.uploads.get(header.worker, (None, None))[1] is me:
                 del self.uploads[header.worker]
-        return await offload(self._decoded, header, receiver, time.perf_counter() - start)
+        return time.perf_counter() - start
 
     def preempt(self, worker: int, session: str) -> None:
         """Ends an upload of `worker` by an earlier client (one that hung, or whose process
@@ -132,7 +134,8 @@ class Admission:
             self.preempted.add(upload[1])
             upload[1].cancel()
 
-    def _open(self, header: pb.StepHeader):
+    def open(self, header: pb.StepHeader):
+        """Validates the header and readies the worker's buffer for its gradient."""
         job = self.job
         if header.dtype != job.spec.grad_dtype:
             raise InvalidArgument(
@@ -144,7 +147,9 @@ class Admission:
         return job.state.receive(header.worker, header.dtype, local,
                                  f"job {job.name!r} step {header.step} gradient")
 
-    def _decoded(self, header: pb.StepHeader, receiver, seconds: float) -> Contribution:
+    def decoded(self, header: pb.StepHeader, receiver, seconds: float) -> Contribution:
+        """The received gradient, once complete; refused here when non-finite under the
+        refuse policy."""
         job = self.job
         local = self.local_indices(header.tensors)
         here = receiver.finish()       # this shard's part; the header speaks for the rest

@@ -98,20 +98,31 @@ class Job:
         worker holds at most one reply in flight."""
         gate = self.admission
         worker = gate.check_worker(header.worker)
-        await offload(gate.check_session, worker, header.session)
+        gate.check_session(worker, header.session)
         gate.preempt(worker, header.session)
         async with gate.worker_lock(worker):
-            early = await offload(self._answered_early, worker, header)
+            early, receiver = await offload(self._begin, worker, header)
             if early is not None:
                 async for _ in chunks:   # the gradient of an answered step is not needed
                     pass
                 return await send(early)
-            await offload(gate.check_order, worker, header)
-            contribution = await gate.receive(header, chunks)
-            outcome = await offload(self._submit, contribution, header.version)
+            seconds = await gate.receive(header, receiver, chunks)
+            c, outcome = await offload(self._received, header, receiver, seconds)
             if isinstance(outcome, Round):
-                outcome = await self.barrier.wait(outcome, contribution)
+                outcome = await self.barrier.wait(outcome, c)
             await send(outcome)
+
+    def _begin(self, worker: int, header: pb.StepHeader):
+        """(the answer, None) for a step answered already, else (None, the receiver)."""
+        early = self._answered_early(worker, header)
+        if early is not None:
+            return early, None
+        self.admission.check_order(worker, header)
+        return None, self.admission.open(header)
+
+    def _received(self, header: pb.StepHeader, receiver, seconds: float):
+        c = self.admission.decoded(header, receiver, seconds)
+        return c, self._submit(c, header.version)
 
     def _answered_early(self, worker: int, header: pb.StepHeader) -> Result | None:
         return (self.admission.answered(worker, header.step)
@@ -181,7 +192,8 @@ class Job:
         with self.cond:
             self.check_not_deleted()
             if session:
-                self.admission.sessions[worker] = session
+                with self.admission.sessions_lock:
+                    self.admission.sessions[worker] = session
             self.barrier.join(worker)
             return self.version, self.last_step(worker)
 
