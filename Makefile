@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build this machine class carries; any other pin pulls CUDA wheels.
 TORCH ?= torch==2.13.0
+# What `pip install -e` installs; CI adds nvrtc-check (CuPy and NVRTC, for tests/test_cuda.py).
+EXTRAS ?= dev
 
 .PHONY: demo test proto bench clean
 
@@ -10,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from optserve.client.options import JobOptions, placement
+from optserve.client.options import JobOptions, placement, ranks, servers_from_env
 from optserve.client.payloads import TORCH_WIRE, Buffers, packed_chunks
-from optserve.client.transport import Shards, delete_on
+from optserve.client.transport import Shards, delete_job, delete_on
 from optserve.proto import optimizers, state_codec
 from optserve.proto.errors import InvalidArgument, OptserveError
 from optserve.proto.spec import DropReason, tune_malloc
@@ -54,9 +54,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
       params: parameters, `model.named_parameters()`, or param-group dicts, as for torch.
       optimizer: a name in optserve.proto.optimizers.REGISTRY ("adamw", "adam", "adamp",
         "adafactor", "lion", ...).
-      servers: shard addresses ("host:port"); tensors are placed on them by size.
+      servers: shard addresses ("host:port"); tensors are placed on them by size. Default:
+        $OPTSERVE_SERVERS, comma-separated.
       job: the job's name; every worker of one training run uses the same.
-      rank, world_size: this worker's index and the number of workers (torch.distributed's names).
+      rank, world_size: this worker's index and the number of workers (torch.distributed's
+        names). Default: the initialised process group's, else $RANK and $WORLD_SIZE (as
+        torchrun sets them), else 0 and 1.
+      resume: continue a job that has taken steps with a rank an earlier process held (a
+        restarted worker, the crash-recovery recipe). Without it that registration fails, so
+        that running a script twice does not silently continue the first run.
+      connect_timeout: seconds to wait for every shard to answer at construction; a shard
+        that does not is named in the Unavailable raised.
       mode: "sync" (average all workers' gradients, one step) or "async".
       backup_workers: sync: step once all but this many workers have sent; a late gradient
         is dropped (and counted) and the worker takes the new parameters.
@@ -79,8 +87,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         adafactor; lion-pytorch's for lion).
     """
 
-    def __init__(self, params, optimizer: str = "adamw", *, servers: Sequence[str], job: str,
-                 rank: int = 0, world_size: int = 1, mode: str = "sync",
+    def __init__(self, params, optimizer: str = "adamw", *, servers: Sequence[str] | None = None,
+                 job: str, rank: int | None = None, world_size: int | None = None,
+                 resume: bool = False, connect_timeout: float = 5.0, mode: str = "sync",
                  backup_workers: int = 0, max_staleness: int | None = None,
                  staleness_lr: bool = False, timeout: float | None = None,
                  on_timeout: str = "fail", grad_dtype: str = "float32",
@@ -94,6 +103,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         unknown = set(hyperparameters) - set(info.defaults)
         if unknown:
             raise TypeError(f"{optimizer} got unexpected hyperparameters {sorted(unknown)}")
+        servers = servers_from_env() if servers is None else servers
+        rank, world_size = ranks(rank, world_size)
         options = JobOptions(servers, job, rank, world_size, mode, backup_workers, max_staleness,
                              staleness_lr, timeout, on_timeout, grad_dtype, param_dtype, nonfinite)
         options.check()
@@ -118,6 +129,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._step_no = [0] * len(servers)   # the last step completed, per shard
         self._version = [0] * len(servers)   # the parameter version held, per shard
         self._session = os.urandom(16).hex()   # this client's claim on its rank (RegisterHeader)
+        self._resume = resume
+        self._shards.wait_ready(connect_timeout)
         self._register()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -150,7 +163,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _register(self) -> None:
         def register(shard: int) -> pb.RegisterJobResponse:
             header = pb.RegisterHeader(spec=self.spec, shard=shard, worker=self.rank,
-                                       session=self._session)
+                                       session=self._session, resume=self._resume)
             tensors = [self._params[t] for t in self._shard_tensors[shard]]
             values = torch.empty(sum(p.numel() for p in tensors))
             msgs = [pb.RegisterJobRequest(header=header), *packed_chunks(tensors, values)]
@@ -356,6 +369,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def delete_job(self) -> None:
         """Deletes the job on every shard (parameters, optimizer state, metric series and
         checkpoints) and closes this optimizer; other workers' next calls get NotFound."""
+        if self._shards.closed:   # after close(): over connections of its own
+            delete_job(self._shards.addresses, self.job, **self._shards.credentials)
+            return
         try:
             self._shards.call_all(lambda k: delete_on(self._shards.stubs[k], self.job,
                                                       self._shards.rpc_timeout))

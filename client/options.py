@@ -4,6 +4,7 @@ the job registers, identically)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,11 +79,37 @@ class JobOptions:
         return spec
 
 
+def servers_from_env() -> list[str]:
+    """$OPTSERVE_SERVERS: shard addresses, comma-separated."""
+    text = os.environ.get("OPTSERVE_SERVERS", "")
+    servers = [a.strip() for a in text.split(",") if a.strip()]
+    if not servers:
+        raise ValueError("no servers: pass servers=[...] or set OPTSERVE_SERVERS "
+                         "(host:port, comma-separated)")
+    return servers
+
+
+def ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size): those given, else the initialised torch.distributed process
+    group's, else $RANK and $WORLD_SIZE (torchrun, SLURM launchers), else 0 and 1."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        found = dist.get_rank(), dist.get_world_size()
+    else:
+        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return (found[0] if rank is None else rank), (found[1] if world_size is None else world_size)
+
+
 def check_servers(servers) -> None:
     if isinstance(servers, str):
         raise TypeError(f"servers must be a list of addresses, e.g. [{servers!r}]")
     if not servers:
         raise ValueError("servers must name at least one shard")
+    for address in servers:
+        scheme, sep, _ = address.partition("://")
+        if sep and scheme != "unix":   # gRPC's unix:///path is an address; http:// is not
+            raise ValueError(f"server {address!r}: a shard's address is host:port, with no "
+                             "scheme (e.g. '127.0.0.1:50051')")
     repeated = sorted({a for a in servers if list(servers).count(a) > 1})
     if repeated:
         raise ValueError(f"servers lists {repeated} more than once; each shard once")

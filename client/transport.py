@@ -17,7 +17,7 @@ from typing import Callable, Sequence, TypeVar
 import grpc
 
 from optserve.client.options import check_servers
-from optserve.proto.errors import from_rpc_error
+from optserve.proto.errors import Unavailable, from_rpc_error
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import GRPC_OPTIONS, OptimizerStub
 
@@ -37,6 +37,8 @@ class Shards:
                  retries: int, token: str | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None):
         self.job = job
+        self.addresses = list(servers)
+        self.credentials = dict(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self.rpc_timeout = rpc_timeout
         self.retries = retries
         self._channels = [channel(a, tls_ca, tls_cert, tls_key) for a in servers]
@@ -48,6 +50,24 @@ class Shards:
 
     def __len__(self) -> int:
         return len(self.stubs)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Waits until every shard's connection is up; a shard that does not answer within
+        `timeout` seconds is named (instead of a client retrying it for half a minute)."""
+        pending = {address: grpc.channel_ready_future(c)
+                   for address, c in zip(self.addresses, self._channels)}
+        deadline = time.monotonic() + timeout
+        missing = []
+        for address, ready in pending.items():
+            try:
+                ready.result(timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                missing.append(address)
+                ready.cancel()
+        if missing:
+            self.close()
+            raise Unavailable(f"no optserve shard answers at {', '.join(missing)} within "
+                              f"{timeout:g}s: is `optserve server` running there, on that port?")
 
     def call_all(self, fn: Callable[[int], T]) -> list[T]:
         """Runs fn(shard) on every shard at once; raises the first failure as an

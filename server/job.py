@@ -186,16 +186,31 @@ class Job:
         return out
 
     # ---- membership ---------------------------------------------------------------------
-    def join(self, worker: int, session: str = "") -> tuple[int, int]:
+    def join(self, worker: int, session: str = "", resume: bool = False) -> tuple[int, int]:
         """A worker (re)joins, held from now on by the client of `session`; returns (version,
-        the last step it completed)."""
+        the last step it completed). A rank an earlier client held, in a job that has taken
+        steps, joins only with `resume`."""
         with self.cond:
             self.check_not_deleted()
+            if self.version and not resume and self._held_before(worker, session):
+                raise FailedPrecondition(
+                    f"job {self.name!r} has taken {self.version} steps and rank {worker} was held "
+                    "by an earlier client: pass resume=True to continue the job with this process "
+                    "(a restarted worker), or delete the job first (opt.delete_job() or "
+                    "optserve.client.delete_job) to start over")
             if session:
                 with self.admission.sessions_lock:
                     self.admission.sessions[worker] = session
             self.barrier.join(worker)
             return self.version, self.last_step(worker)
+
+    def _held_before(self, worker: int, session: str) -> bool:
+        """Whether another client held `worker` (a job restored from a checkpoint knows its
+        workers by their steps, not their clients)."""
+        holder = self.admission.sessions.get(worker)
+        if holder is not None:
+            return holder != session
+        return worker in self.worker_step
 
     def leave(self, worker: int, session: str = "") -> None:
         """Sync steps stop waiting for `worker`. A client that no longer holds the worker

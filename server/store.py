@@ -225,7 +225,7 @@ class ShardStore:
                 job.observer.registered(job)   # under the lock: before any delete can run
         if created:
             _log_registered(job)
-        version, last_step = job.join(header.worker, header.session)
+        version, last_step = job.join(header.worker, header.session, header.resume)
         return pb.RegisterJobResponse(created=created, version=version, tensors=job.tensors,
                                       last_step=last_step)
 

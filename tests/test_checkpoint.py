@@ -86,7 +86,7 @@ def test_sigterm_checkpoints_and_a_restart_restores_bit_for_bit(tmp_path):
     try:
         assert state_of(address, "ckpt") == before
         opt = RemoteOptimizer(model.parameters(), "adamp", servers=[address], job="ckpt",
-                              lr=1e-2, weight_decay=0.01)
+                              lr=1e-2, weight_decay=0.01, resume=True)
         train(model, opt, 5, lambda i: make_data(5 + i))
         import adamp
         ref = adamp.AdamP(ref_model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -295,7 +295,7 @@ def test_a_restarted_worker_rolls_back_shards_that_disagree(tmp_path):
 
         model = make_model(seed=7)  # a fresh process: its own initial values, replaced
         opt = RemoteOptimizer(model.parameters(), "adamw", servers=shards.servers, job="rejoin",
-                              lr=1e-2)
+                              lr=1e-2, resume=True)
         assert train_with_recipe(model, opt, opt.version, 20) == [10]
         assert_matches_torch_adamw(model, 20, lr=1e-2)
         opt.close()

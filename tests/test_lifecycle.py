@@ -13,8 +13,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import make_data, make_model, train
-from optserve import local
-from optserve.client import (FailedPrecondition, NotFound, RemoteOptimizer, Unavailable,
+from optserve.client import (FailedPrecondition, NotFound, RemoteOptimizer, Unauthenticated,
                              delete_job)
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
@@ -102,12 +101,15 @@ def test_deleting_a_sync_job_releases_a_worker_waiting_for_its_round(shard):
 
 
 def test_a_registration_that_failed_part_way_can_be_deleted(shard):
-    """The second shard is down: registration fails after the first shard took the job;
-    delete_job clears it there, and the job registers on the first shard alone."""
-    servers = [shard.address, f"127.0.0.1:{local.free_port()}"]
-    with pytest.raises(Unavailable):
-        RemoteOptimizer(make_model().parameters(), "adamw", servers=servers, job="half",
-                        retries=0, rpc_timeout=10)
+    """The second shard refuses the job (it checks tokens, and this job has none): the
+    registration fails after the first shard took the job; delete_job clears it there, and
+    the job registers on the first shard alone."""
+    with ShardServer(ShardConfig(port=0, device=DEVICE, tokens={"other": "t"})).start() as guarded:
+        servers = [shard.address, guarded.address]
+        with pytest.raises(Unauthenticated):
+            RemoteOptimizer(make_model().parameters(), "adamw", servers=servers, job="half",
+                            retries=0, rpc_timeout=10)
+    assert "half" in shard.store.jobs
     with pytest.raises(FailedPrecondition, match="num_shards"):
         RemoteOptimizer(make_model().parameters(), "adamw", servers=servers[:1], job="half")
     delete_job(servers[:1], "half")

@@ -84,9 +84,11 @@ def test_lion_state_dict_round_trips_with_lion_pytorch(shard):
 def test_second_worker_starts_from_the_jobs_parameters(shard):
     """A worker joining an existing job takes the shard's parameters, not its own init."""
     first, second = make_model(0), make_model(7)
-    opt1 = RemoteOptimizer(first.parameters(), "adamw", servers=[shard.address], job="join")
+    opt1 = RemoteOptimizer(first.parameters(), "adamw", servers=[shard.address], job="join",
+                           mode="async", rank=0, world_size=2)
     train(first, opt1, 3, lambda _: make_data(0))
-    opt2 = RemoteOptimizer(second.parameters(), "adamw", servers=[shard.address], job="join")
+    opt2 = RemoteOptimizer(second.parameters(), "adamw", servers=[shard.address], job="join",
+                           mode="async", rank=1, world_size=2)
     for p, q in zip(first.parameters(), second.parameters()):
         assert torch.equal(p, q)
     opt1.close()

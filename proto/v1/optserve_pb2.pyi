@@ -144,16 +144,18 @@ class RegisterJobRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RegisterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class RegisterHeader(_message.Message):
-    __slots__ = ("spec", "shard", "worker", "session")
+    __slots__ = ("spec", "shard", "worker", "session", "resume")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     spec: JobSpec
     shard: int
     worker: int
     session: str
-    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+    resume: bool
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shard: _Optional[int] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class RegisterJobResponse(_message.Message):
     __slots__ = ("created", "version", "tensors", "last_step")
