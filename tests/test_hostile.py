@@ -154,7 +154,7 @@ def test_a_restarted_worker_preempts_its_hung_upload(shard, never):
     try:
         time.sleep(0.5)
         start = time.perf_counter()
-        new = legit_job(shard.address, "restarted", steps=1)   # registers again: a new session
+        new = legit_job(shard.address, "restarted", steps=1, resume=True)   # a new session
         assert time.perf_counter() - start < 5.0
         assert shard.store.job("restarted").version == 2
         with pytest.raises(grpc.RpcError) as e:
