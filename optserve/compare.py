@@ -33,7 +33,7 @@ def scrape(port: int, job: str) -> dict[tuple[str, str], float]:
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.labels.get("job") == job:
+            if s.labels.get("training_job") == job:
                 out[(s.name, s.labels.get("tensor", ""))] = s.value
     return out
 
