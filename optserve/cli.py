@@ -1,9 +1,10 @@
-"""The `optserve` command: `server` (one shard), `demo` (the main job), `bench`."""
+"""The `optserve` command: `server`, `demo`, `bench`, `health` and `compile-kernels`."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -120,17 +121,59 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from optserve.proto.optimizers import REGISTRY
-    parser = argparse.ArgumentParser(prog="optserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help, unless the help already speaks of its
+    default (a default of None, "not given", is explained in words) or the flag is a switch."""
 
-    server = sub.add_parser("server", help="run one shard")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    server.add_argument("--port", type=_port, default=50051)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _TopHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The top-level help: its description is the table of commands, as written."""
+
+
+# The commands, one line each, in the order `optserve --help` lists them.
+COMMANDS = {
+    "server": "run one shard (a gRPC server) until SIGTERM or Ctrl-C",
+    "demo": "train a small conv net through local shards and workers",
+    "bench": "run a benchmark, write its results (see bench/README.md)",
+    "health": "exit 0 if a shard is serving (grpc.health.v1)",
+    "compile-kernels": "compile the CUDA kernels into the cache, no GPU needed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optserve import __version__
+    from optserve.proto.optimizers import REGISTRY
+    width = max(map(len, COMMANDS)) + 2
+    parser = argparse.ArgumentParser(
+        prog="optserve", usage="%(prog)s [-h] [--version] COMMAND ...",
+        formatter_class=_TopHelp,
+        description="An optimizer as a service: shards hold a training job's parameters and\n"
+                    "optimizer state and step them with the gradients that PyTorch workers\n"
+                    "(optserve.client.RemoteOptimizer) send.\n\ncommands:\n" + "".join(
+                        f"  {name:<{width}}{summary}\n" for name, summary in COMMANDS.items()),
+        epilog="`optserve COMMAND --help` shows a command's flags and their defaults.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # The table above lists the commands; argparse's own list would repeat it.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=argparse.SUPPRESS)
+
+    def command(name: str, description: str | None = None):
+        return sub.add_parser(name, prog=f"optserve {name}", formatter_class=_Help,
+                              description=description or COMMANDS[name] + ".")
+
+    server = command("server")
+    server.description = "Run one shard, a gRPC server, until SIGTERM or Ctrl-C."
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0 for all interfaces)")
+    server.add_argument("--port", type=_port, default=50051, help="gRPC port (0: a free one)")
     server.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "reference"],
-                        help="optimizer backend; auto (the default) picks cuda when a GPU is "
-                             "visible, else cpu")
+                        help="optimizer backend; auto picks cuda when a GPU is visible, else cpu")
     server.add_argument("--threads", type=_positive, default=None,
                         help="threads of the CPU kernels (default: one per core); 1 where the "
                              "shard shares its cores with workers")
@@ -139,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--grace", type=float, default=10.0,
                         help="seconds in-flight calls get to finish on SIGTERM")
     server.add_argument("--metrics-port", type=_port, default=None,
-                        help="serve Prometheus metrics over HTTP on this port")
+                        help="serve Prometheus metrics over HTTP on this port (default: no "
+                             "metrics endpoint)")
     server.add_argument("--metrics-host", default=None,
                         help="address for the metrics endpoint (default: --host)")
     server.add_argument("--metrics-every", type=_positive, default=1,
@@ -148,18 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-tensor series per job; beyond it tensors are aggregated by "
                              "name prefix")
     server.add_argument("--checkpoint-dir", default=None,
-                        help="checkpoint jobs here, and restore them from here on start")
+                        help="checkpoint jobs here, and restore them from here on start "
+                             "(default: no checkpoints)")
     server.add_argument("--checkpoint-every", type=int, default=0,
-                        help="checkpoint every N versions of a job (0: only on SIGTERM/request)")
+                        help="checkpoint every N versions of a job (0: only on SIGTERM or "
+                             "request)")
     server.add_argument("--keep-checkpoints", type=_positive, default=3,
                         help="checkpoints kept per job")
-    server.add_argument("--tls-cert", help="PEM certificate: serve TLS")
-    server.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    server.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mTLS)")
+    server.add_argument("--tls-cert", help="PEM certificate: serve TLS (default: plaintext)")
+    server.add_argument("--tls-key", help="PEM private key of --tls-cert (default: none)")
+    server.add_argument("--tls-client-ca",
+                        help="PEM CA: require client certificates, mutual TLS (default: none "
+                             "required)")
     server.add_argument("--tokens-file",
-                        help='JSON {"job": "token"}: every call needs its job\'s bearer token')
-    server.add_argument("--max-jobs", type=_positive, default=64)
-    server.add_argument("--max-params-per-job", type=_positive, default=2_000_000_000)
+                        help='JSON {"job": "token"}: every call needs its job\'s bearer token '
+                             "(default: no tokens)")
+    server.add_argument("--max-jobs", type=_positive, default=64, help="jobs the shard holds")
+    server.add_argument("--max-params-per-job", type=_positive, default=2_000_000_000,
+                        help="parameters one job may have")
     server.add_argument("--max-state-bytes", type=_positive, default=None,
                         help="host memory all jobs may hold: parameters, optimizer state, and "
                              "per worker gradient buffers, cached replies and bookkeeping "
@@ -167,10 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-device-bytes", type=_positive, default=None,
                         help="GPU memory all jobs may hold: state, gradient buffers, scratch "
                              "(default: 90%% of the GPU's)")
-    server.add_argument("--max-workers", type=_positive, default=4096,
-                        help="workers per job (default: %(default)s)")
+    server.add_argument("--max-workers", type=_positive, default=4096, help="workers per job")
     server.add_argument("--max-shards", type=_positive, default=1024,
-                        help="shards a job may be spread over (default: %(default)s)")
+                        help="shards a job may be spread over")
     server.add_argument("--max-tensors", type=_positive, default=None,
                         help="tensors per job, and parameter groups (default: the most for which "
                              "every header, the optimizer state's too, fits a gRPC message "
@@ -178,59 +227,61 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-inflight-bytes", type=_positive, default=1 << 30,
                         help="bytes all uploads and downloads in flight may hold outside the "
                              "jobs' state (registrations, optimizer states); one call may "
-                             "exceed it alone (default: 1 GiB)")
+                             "exceed it alone (default: %(default)s, 1 GiB)")
     server.add_argument("--max-rpcs", type=_positive, default=4096,
-                        help="calls open at once; beyond it RESOURCE_EXHAUSTED (default 4096)")
+                        help="calls open at once; beyond it RESOURCE_EXHAUSTED")
     server.add_argument("--idle-timeout", type=_positive_float, default=60.0,
                         help="seconds a call may wait for its client's next message, or for "
-                             "it to take the next one of the answer (default 60)")
+                             "it to take the next one of the answer")
     server.add_argument("--gpu", type=_nonnegative, default=None,
-                        help="the GPU this shard uses (sets CUDA_VISIBLE_DEVICES; one shard per GPU)")
+                        help="the GPU this shard uses: sets CUDA_VISIBLE_DEVICES, one shard per "
+                             "GPU (default: as CUDA_VISIBLE_DEVICES says, else GPU 0)")
     server.set_defaults(func=_server)
 
-    health = sub.add_parser("health", help="check a shard's grpc.health.v1 status")
-    health.add_argument("address", help="host:port")
-    health.add_argument("--service", default="", help="service name ('' for the whole shard)")
-    health.add_argument("--timeout", type=float, default=3.0)
-    health.add_argument("--tls-ca", help="PEM CA of the shard's certificate: check over TLS")
-    health.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    health.add_argument("--tls-key", help="PEM key of --tls-cert")
-    health.set_defaults(func=_health)
-
-    demo = sub.add_parser("demo", help="train a small model through local shards")
-    demo.add_argument("--workers", type=_positive, default=2)
-    demo.add_argument("--shards", type=_positive, default=1)
-    demo.add_argument("--mode", default="sync", choices=["sync", "async"])
+    demo = command("demo", "Train a small conv net on generated shapes, once per optimizer, "
+                   "through shards and worker processes it starts on this machine (or the "
+                   "shards of --servers), and print a summary. --compare instead plots what "
+                   "each optimizer does to scale-invariant weights. Ctrl-C stops it all (exit "
+                   "status 130).")
+    demo.add_argument("--workers", type=_positive, default=2, help="worker processes (ranks)")
+    demo.add_argument("--shards", type=_positive, default=1,
+                      help="shard processes to start (without --servers)")
+    demo.add_argument("--mode", default="sync", choices=["sync", "async"],
+                      help="sync: the shards average the workers' gradients each step; async: "
+                           "they apply each as it comes")
     demo.add_argument("--servers", default=None,
-                      help="comma-separated shard addresses to use instead of starting shards")
+                      help="comma-separated shard addresses to use instead of starting shards "
+                           "(default: start --shards shards)")
     demo.add_argument("--rank", type=int, default=None,
-                      help="run only this worker (with --servers), e.g. one container of a cluster")
+                      help="run only this worker (with --servers), e.g. one container of a "
+                           "cluster (default: all --workers ranks)")
     demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
     demo.add_argument("--tokens-file", default=None,
-                      help='JSON {"job": "token"}: the bearer token each job\'s workers send')
+                      help='JSON {"job": "token"}: the bearer token each job\'s workers send '
+                           "(default: no tokens)")
     demo.add_argument("--metrics-port", type=_port, default=None,
                       help="first shard's Prometheus port (shard k uses this + k; default: "
                            "free ports, printed at the start)")
     demo.add_argument("--compare", action="store_true",
-                      help="train a BatchNorm net under Adam+L2, AdamW and AdamP and plot the "
-                           "conv weights' norm and effective step")
-    demo.add_argument("--compare-out", default="optserve-compare.png",
-                      help="where --compare writes its plot")
-    demo.add_argument("--steps", type=_positive, default=150)
+                      help="train a BatchNorm net under Adam+L2, AdamW, AdamP, Adafactor and "
+                           "Lion through one local shard, and plot the conv weights' norm and "
+                           "the angle they travel")
+    demo.add_argument("--compare-out", default=None,
+                      help="where --compare writes its plot (default: optserve/compare.png in "
+                           "the temporary directory, printed at the end)")
+    demo.add_argument("--steps", type=_positive, default=None,
+                      help="training steps per optimizer (default: 150, and 300 with "
+                           "--compare)")
     demo.add_argument("--optimizers", default="adamw,adamp,adafactor",
                       help="comma-separated list of optimizers to run, one after another "
                            f"(any of {', '.join(REGISTRY)})")
-    demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"])
+    demo.add_argument("--device", default="cpu", choices=["auto", "cpu", "reference"],
+                      help="backend of the shards the demo starts")
     demo.set_defaults(func=_demo)
 
-    kernels = sub.add_parser("compile-kernels", help="compile the CUDA kernels into the cache "
-                             "($OPTSERVE_KERNEL_CACHE) with NVRTC, no GPU needed (images do this)")
-    kernels.add_argument("--arch", type=int, nargs="+", required=True,
-                         help="compute capabilities, e.g. 80 90 (sm_80, sm_90)")
-    kernels.set_defaults(func=_compile_kernels)
-
-    bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["kernels", "e2e", "load", "metrics", "gpu"])
+    bench = command("bench", "Run a benchmark and write its results (see bench/README.md).")
+    bench.add_argument("what", choices=["kernels", "e2e", "load", "metrics", "gpu"],
+                       help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="a reduced set, for smoke checks")
     bench.add_argument("--emulate", action="store_true",
                        help="gpu: on the CuPy test double at toy sizes (CI), no GPU figures")
@@ -239,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None,
                        help="results folder (default: bench/results in the source tree)")
     bench.set_defaults(func=_bench)
+
+    health = command("health", "Exit 0 when the shard at ADDRESS reports SERVING, 1 otherwise (for "
+                     "container health checks).")
+    health.add_argument("address", help="the shard's host:port")
+    health.add_argument("--service", default="",
+                        help="service name ('' for the whole shard; default: '')")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--tls-ca", help="PEM CA of the shard's certificate: check over TLS "
+                                         "(default: plaintext)")
+    health.add_argument("--tls-cert", help="PEM client certificate, mutual TLS (default: none)")
+    health.add_argument("--tls-key", help="PEM key of --tls-cert (default: none)")
+    health.set_defaults(func=_health)
+
+    kernels = command("compile-kernels", "Compile the CUDA kernels with NVRTC into the kernel "
+                      "cache ($OPTSERVE_KERNEL_CACHE, else ~/.cache/optserve/kernels); no GPU "
+                      "needed (the shard image does this at build time).")
+    kernels.add_argument("--arch", type=int, nargs="+", required=True,
+                         help="compute capabilities, e.g. 80 90 (sm_80, sm_90)")
+    kernels.set_defaults(func=_compile_kernels)
     return parser
 
 
@@ -246,4 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:   # Ctrl-C: whatever the command started is stopped by now
+        print(f"\noptserve {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

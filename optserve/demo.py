@@ -10,6 +10,7 @@ and the summary compares them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -18,11 +19,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from optserve import local
 
 CLASSES = ("square", "plus", "cross", "disk")
 SIZE = 12
+STEPS = 150   # per optimizer, without --steps
 
 # Per optimizer: hyperparameters of a reasonable run on this task.
 RECIPES = {
@@ -131,10 +134,49 @@ def worker(args: WorkerArgs, progress) -> None:
     opt.close()
 
 
-def start_shard(device: str, log_path: str, metrics_port: int) -> local.LocalServer:
-    """A shard process serving metrics on `metrics_port` (0: any free port)."""
-    return local.start(local.shard_command("--device", device, "--metrics-port", str(metrics_port)),
-                       log_path)
+# Seconds children get to exit after SIGTERM before SIGKILL. Workers die at once (SIGTERM's
+# default action). A shard takes 0.2-0.8 s to exit (its metrics server polls every 0.5 s),
+# more on a busy machine; after a Ctrl-C it holds nothing worth draining, so a Ctrl-C stops
+# the demo within two seconds.
+WORKER_STOP_TIMEOUT = 1.0
+SHARD_STOP_TIMEOUT = 10.0
+SHARD_STOP_TIMEOUT_INTERRUPTED = 0.5
+
+
+@contextlib.contextmanager
+def local_shards(count: int, device: str, metrics_port: int | None = None,
+                 prefix: str = "optserve-demo-") -> Iterator[list[local.LocalServer]]:
+    """`count` shard processes (shard k serves metrics on metrics_port + k; None: free
+    ports), with SIGINT blocked (local.sigint_blocked) and their logs in a temporary folder;
+    stopped and the folder removed on the way out. When the body fails, the end of each
+    shard's log goes to stderr first; when it is interrupted, the shards get less time."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as log_dir:
+        logs = [os.path.join(log_dir, f"shard-{k}.log") for k in range(count)]
+        procs, shards, timeout = [], [], SHARD_STOP_TIMEOUT
+        try:
+            with local.sigint_blocked():
+                for k, log in enumerate(logs):
+                    port = 0 if metrics_port is None else metrics_port + k
+                    procs.append(local.launch(local.shard_command(
+                        "--device", device, "--metrics-port", str(port)), log))
+            try:
+                shards = [local.listening(proc, log) for proc, log in zip(procs, logs)]
+            except RuntimeError as e:   # it quotes the shard's log
+                raise SystemExit(f"optserve demo: a shard did not start: {e}") from None
+            yield shards
+        except (KeyboardInterrupt, local.Terminated):
+            timeout = SHARD_STOP_TIMEOUT_INTERRUPTED
+            raise
+        except (Exception, SystemExit):
+            if shards:   # a failed run: what the shards said
+                for k, log in enumerate(logs):
+                    with open(log) as f:
+                        tail = f.readlines()[-20:]
+                    print(f"--- shard {k} log (last lines) ---\n{''.join(tail)}", end="",
+                          file=sys.stderr)
+            raise
+        finally:
+            local.stop_all(procs, timeout)
 
 
 def show_progress(done: int, total: int, text: str, width: int = 30) -> None:
@@ -162,32 +204,39 @@ def train_one(optimizer: str, servers: list[str], ranks: list[int],
                                               progress))
              for r in ranks]
     start = time.perf_counter()
-    for p in procs:
-        p.start()
-    print(f"{optimizer}:")
-    result = None
-    while result is None:
-        try:
-            msg = progress.get(timeout=1.0)
-        except queue.Empty:  # check the workers are still alive
-            if any(p.exitcode not in (None, 0) for p in procs):
-                raise SystemExit(f"a {optimizer} worker failed")
-            if 0 not in ranks and all(p.exitcode == 0 for p in procs):
-                break  # this process runs no rank 0: nothing to summarise
-            continue
-        if msg[0] == "step":
-            show_progress(msg[1], args.steps, f"loss {msg[2]:.4f}")
-        else:
-            result = dict(optimizer=optimizer, test_loss=msg[1], accuracy=msg[2],
-                          state_bytes=msg[3], seconds=time.perf_counter() - start)
-    for p in procs:
-        p.join()
-    if sys.stdout.isatty():
-        print()
+    try:
+        # Workers start with SIGINT blocked: on Ctrl-C this process stops them (finally).
+        with local.sigint_blocked():
+            for p in procs:
+                p.start()
+        print(f"{optimizer}:", flush=True)
+        result = None
+        while result is None:
+            try:
+                msg = progress.get(timeout=1.0)
+            except queue.Empty:  # check the workers are still alive
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise SystemExit(f"a {optimizer} worker failed") from None
+                if 0 not in ranks and all(p.exitcode == 0 for p in procs):
+                    break  # this process runs no rank 0: nothing to summarise
+                continue
+            if msg[0] == "step":
+                show_progress(msg[1], args.steps, f"loss {msg[2]:.4f}")
+            else:
+                result = dict(optimizer=optimizer, test_loss=msg[1], accuracy=msg[2],
+                              state_bytes=msg[3], seconds=time.perf_counter() - start)
+        for p in procs:
+            p.join()
+    finally:
+        if sys.stdout.isatty():
+            print()
+        local.stop_all(procs, WORKER_STOP_TIMEOUT)   # those still running: after a failure
     return result
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.steps is None:
+        args = argparse.Namespace(**{**vars(args), "steps": STEPS})
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = set(optimizers) - set(RECIPES)
     if unknown:
@@ -195,25 +244,20 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.rank is not None and not args.servers:
         raise SystemExit("--rank runs one worker of a cluster and needs --servers")
     ranks = [args.rank] if args.rank is not None else list(range(args.workers))
-    shards, log_dir = [], None
-    if args.servers:
-        servers = args.servers.split(",")
-    else:
-        log_dir = tempfile.mkdtemp(prefix="optserve-demo-")
-        for k in range(args.shards):
-            port = 0 if args.metrics_port is None else args.metrics_port + k
-            shards.append(start_shard(args.device, os.path.join(log_dir, f"shard-{k}.log"), port))
-        servers = [shard.address for shard in shards]
-    print(f"optserve demo: shards {', '.join(servers)}, {args.workers} workers in {args.mode} mode, "
-          f"{args.steps} steps each, classifying {len(CLASSES)} generated shapes")
-    if shards:
-        print("metrics (Prometheus text, while the demo runs): " + ", ".join(
-            f"http://127.0.0.1:{shard.metrics_port}/metrics" for shard in shards))
-    try:
+    with local.stopped_by_signals(), contextlib.ExitStack() as stack:
+        shards = []
+        if args.servers:
+            servers = args.servers.split(",")
+        else:
+            shards = stack.enter_context(local_shards(args.shards, args.device, args.metrics_port))
+            servers = [shard.address for shard in shards]
+        print(f"optserve demo: shards {', '.join(servers)}, {args.workers} workers in {args.mode} "
+              f"mode, {args.steps} steps each, classifying {len(CLASSES)} generated shapes",
+              flush=True)
+        if shards:
+            print("metrics (Prometheus text, while the demo runs): " + ", ".join(
+                f"http://127.0.0.1:{shard.metrics_port}/metrics" for shard in shards), flush=True)
         results = [train_one(o, servers, ranks, args) for o in optimizers]
-    finally:
-        for shard in shards:
-            shard.stop()
     results = [r for r in results if r is not None]
     if not results:
         return 0
@@ -222,6 +266,4 @@ def run_demo(args: argparse.Namespace) -> int:
     for r in results:
         print(f"  {r['optimizer']:<10} {r['test_loss']:>9.4f} {100 * r['accuracy']:>8.1f}% "
               f"{r['state_bytes']:>12,} {r['seconds']:>6.1f}s")
-    if log_dir:
-        print(f"\nshard logs: {log_dir}")
     return 0

@@ -5,13 +5,17 @@ A server announces itself with one line on stdout, "... listening on ADDRESS" (a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 _LISTENING = re.compile(r"listening on (\S+)(?: \(metrics on port (\d+)\))?")
 
@@ -35,6 +39,89 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_all(procs: Sequence, timeout: float) -> None:
+    """Stops child processes together: SIGTERM to all at once, then SIGKILL to those still
+    running `timeout` seconds later. `procs` are subprocess.Popen or multiprocessing.Process
+    objects (not started ones are skipped)."""
+    procs = [p for p in procs if p.pid is not None]
+    for p in procs:
+        if _running(p):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if not _wait(p, max(0.0, deadline - time.monotonic())):
+            p.kill()
+            _wait(p, None)
+
+
+def _running(p) -> bool:
+    return p.poll() is None if isinstance(p, subprocess.Popen) else p.exitcode is None
+
+
+def _wait(p, timeout: float | None) -> bool:
+    """Waits for `p` to exit (reaping it); whether it did within `timeout`."""
+    if isinstance(p, subprocess.Popen):
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    p.join(timeout)
+    return p.exitcode is not None
+
+
+@contextlib.contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Blocks SIGINT in this thread while child processes start, so that they start with it
+    blocked (a signal mask survives fork and exec): a Ctrl-C at the terminal, which signals
+    the whole foreground process group, then reaches only this process, which stops its
+    children in order instead of each of them dying with its own traceback. A Ctrl-C that
+    comes meanwhile is delivered when the block ends. Start children only inside; wait for
+    them outside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield   # only the main thread receives Python's signals
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Terminated(SystemExit):
+    """SIGTERM, inside `stopped_by_signals`; the process exits with status 143."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Turns SIGINT (Ctrl-C) into KeyboardInterrupt and SIGTERM into Terminated (exit status
+    143) inside, and ignores both from the first one on, so that the `finally` blocks that stop
+    this process's children run to the end however often Ctrl-C is pressed. A signal this
+    process was started ignoring (SIGINT in a background job) stays ignored. Unless a signal
+    came, the previous handlers come back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def stop(signum, _frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        if not received:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def shard_command(*args: str) -> list[str]:

@@ -1,11 +1,18 @@
 """Every Prometheus metric a shard exports, defined in one place.
 
 Label values come from closed sets: job names (bounded by the shard's job limit), tensor
-names (capped per job, see `TensorSeries`), phases, reasons, RPC methods and status codes.
+names (capped per job, see `tensor_series`), phases, reasons, RPC methods and status codes.
 Worker ids and step numbers are never labels.
+
+The training job's label is `training_job` (JOB), not `job`: Prometheus gives every scraped
+series the scrape config's `job`, and a target's own `job` label would be renamed
+`exported_job` by a standard scrape (or, with `honor_labels`, replace the scrape's).
+Counters of bytes end in `_bytes_total`, and the registry leaves out the `_created` series
+(`ShardRegistry`).
 """
 from __future__ import annotations
 
+import copy
 import functools
 from enum import Enum
 
@@ -25,6 +32,46 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+# The label of the training job on every per-job series (see the module's docstring).
+JOB = "training_job"
+# Metric types whose prometheus_client wrappers add a `<name>_created` sample.
+_WITH_CREATED = frozenset({"counter", "histogram", "summary"})
+
+
+def _without_created(families):
+    """The metric families less their `_created` samples (the time a counter or histogram
+    series was first touched): a second series per counter that no dashboard or alert reads,
+    and that prometheus_client only turns off process-wide (disable_created_metrics)."""
+    for family in families:
+        if family.type in _WITH_CREATED:
+            created = family.name + "_created"
+            if any(s.name == created for s in family.samples):
+                family = copy.copy(family)   # the samples list is new, the rest shared
+                family.samples = [s for s in family.samples if s.name != created]
+        yield family
+
+
+class ShardRegistry(CollectorRegistry):
+    """A CollectorRegistry that exports no `_created` series, for this registry only: other
+    registries in the process (a worker's, the library's default) keep the library's setting."""
+
+    def collect(self):
+        return _without_created(super().collect())
+
+    def restricted_registry(self, names):
+        """What /metrics?name[]=... serves: filtered the same way."""
+        inner = super().restricted_registry(names)
+        return _Restricted(inner)
+
+
+class _Restricted:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def collect(self):
+        return _without_created(self._inner.collect())
+
+
 class Phase(str, Enum):
     """The phases of a Step's latency (optserve_step_phase_seconds)."""
     RECEIVE = "receive"   # the gradient in, decoded
@@ -37,9 +84,9 @@ class ShardMetrics:
     """The shard's metrics in their own registry, so tests can build a fresh one."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or ShardRegistry()
         r = self.registry
-        t = ("job", "tensor")
+        t = (JOB, "tensor")
         self.weight_norm = Gauge("optserve_weight_norm", "L2 norm of the weights after the "
                                  "last step, ||w_{t+1}||", t, registry=r)
         self.effective_step = Gauge(
@@ -52,40 +99,41 @@ class ShardMetrics:
         self.learning_rate = Gauge("optserve_learning_rate", "Learning rate applied in the last "
                                    "step, per parameter group (after staleness_lr; 0 for "
                                    "Adafactor's relative_step, which sets its own)",
-                                   ("job", "group"), registry=r)
+                                   (JOB, "group"), registry=r)
         self.projected_tensors = Gauge("optserve_adamp_projected_tensors", "AdamP: tensors "
-                                       "whose update was projected in the last step", ("job",),
+                                       "whose update was projected in the last step", (JOB,),
                                        registry=r)
         self.stepped_tensors = Gauge("optserve_stepped_tensors", "Tensors stepped in the last "
-                                     "step", ("job",), registry=r)
+                                     "step", (JOB,), registry=r)
         self.clip_ratio = Gauge("optserve_adafactor_clip_ratio", "Adafactor: mean over the "
                                 "tensors of the clipping divisor max(1, RMS(U)/d) in the last step",
-                                ("job",), registry=r)
+                                (JOB,), registry=r)
         self.clipped_tensors = Gauge("optserve_adafactor_clipped_tensors", "Adafactor: tensors "
-                                     "whose update was clipped in the last step", ("job",), registry=r)
+                                     "whose update was clipped in the last step", (JOB,),
+                                     registry=r)
 
         self.step_seconds = Histogram("optserve_step_phase_seconds", "Step latency by phase: "
-                                      "receive, wait (barrier), compute, send", ("job", "phase"),
+                                      "receive, wait (barrier), compute, send", (JOB, "phase"),
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.barrier_wait = Histogram("optserve_barrier_wait_seconds", "Time a sync step's "
-                                      "gradient waited for the quorum", ("job",),
+                                      "gradient waited for the quorum", (JOB,),
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.staleness = Histogram("optserve_staleness_versions", "Async: versions between the "
-                                   "gradient's parameters and the job's", ("job",),
+                                   "gradient's parameters and the job's", (JOB,),
                                    buckets=STALENESS_BUCKETS, registry=r)
-        self.bytes_received = Counter("optserve_bytes_received_total", "Gradient bytes received "
-                                      "by Step", ("job",), registry=r)
-        self.bytes_sent = Counter("optserve_bytes_sent_total", "Parameter bytes sent in Step "
-                                  "replies", ("job",), registry=r)
-        self.steps = Counter("optserve_steps_total", "Optimizer steps applied", ("job",), registry=r)
+        self.bytes_received = Counter("optserve_received_bytes_total", "Gradient bytes "
+                                      "received by Step", (JOB,), registry=r)
+        self.bytes_sent = Counter("optserve_sent_bytes_total", "Parameter bytes sent in Step "
+                                  "replies", (JOB,), registry=r)
+        self.steps = Counter("optserve_steps_total", "Optimizer steps applied", (JOB,), registry=r)
         self.skipped = Counter("optserve_skipped_steps_total", "Gradients received but not "
-                               "applied, by reason", ("job", "reason"), registry=r)
-        self.version = Gauge("optserve_job_version", "Parameter version of the job", ("job",),
+                               "applied, by reason", (JOB, "reason"), registry=r)
+        self.version = Gauge("optserve_job_version", "Parameter version of the job", (JOB,),
                              registry=r)
         self.state_bytes = Gauge("optserve_state_bytes", "Bytes of parameters and optimizer state "
-                                 "held", ("job",), registry=r)
+                                 "held", (JOB,), registry=r)
         self.workers = Gauge("optserve_active_workers", "Workers a sync step waits for",
-                             ("job",), registry=r)
+                             (JOB,), registry=r)
         self.jobs = Gauge("optserve_active_jobs", "Jobs held by this shard", registry=r)
         self.rpcs = Counter("optserve_rpcs_total", "RPCs handled, by method and status code",
                             ("method", "code"), registry=r)
@@ -100,10 +148,10 @@ class ShardMetrics:
         self.registry.register(_DeviceCollector(report))
 
     def forget_job(self, job: str) -> None:
-        """Removes every series labelled with `job`."""
+        """Removes every series labelled with training job `job`."""
         for metric in vars(self).values():
-            if isinstance(metric, MetricWrapperBase) and "job" in metric._labelnames:
-                metric.remove_by_labels({"job": job})
+            if isinstance(metric, MetricWrapperBase) and JOB in metric._labelnames:
+                metric.remove_by_labels({JOB: job})
 
 
 class _DeviceCollector:

@@ -123,8 +123,8 @@ def test_staleness_bound_drops_stale_gradients_and_scales_lr(shard):
     b.step()                                    # 2 behind: applied at lr/2 -> version 3
     ref_step(gb, 1e-2 / 2)
     assert b.dropped_steps == 0 and b._version[0] == 3
-    assert shard.metrics.registry.get_sample_value(
-        "optserve_learning_rate", {"job": "stale", "group": "0"}) == 1e-2 / 2   # as applied
+    assert shard.metrics.registry.get_sample_value(   # the lr as applied
+        "optserve_learning_rate", {"training_job": "stale", "group": "0"}) == 1e-2 / 2
     gb = grad(b_model, 4)                       # b holds version 3
     for seed in (5, 6, 7):
         ref_step(grad(a_model, seed), 1e-2)     # a is 1 behind once: lr/1

@@ -120,7 +120,8 @@ def metric_sides(expr: str) -> list[str]:
 
 
 def test_promql_helpers():
-    assert metric_names('sum by (job, le) (rate(optserve_stepz_total{job=~"$job"}[5m])) > 0'
+    assert metric_names('sum by (training_job, le) '
+                        '(rate(optserve_stepz_total{training_job=~"$training_job"}[5m])) > 0'
                         ) == {"optserve_stepz_total"}
     assert metric_names("topk(10, optserve_weight_norm) > 10 * clamp_min(x offset 1h, 1e-3)"
                         ) == {"optserve_weight_norm", "x"}
@@ -180,7 +181,7 @@ def test_dashboards_match_their_generator(tmp_path):
                        f"`.venv/bin/python deploy/grafana/generate.py` and commit the result")
 
 
-def test_dashboards_use_the_job_variable_and_the_provisioned_datasource():
+def test_dashboards_use_the_training_job_variable_and_the_provisioned_datasource():
     datasource = yaml.safe_load(
         (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
     provider = yaml.safe_load(
@@ -192,7 +193,8 @@ def test_dashboards_use_the_job_variable_and_the_provisioned_datasource():
     assert titles == {"optserve / optimizer health", "optserve / service"}
     for dashboard in dashboards().values():
         (job,) = dashboard["templating"]["list"]
-        assert job["name"] == "job" and job["query"] == "label_values(optserve_job_version, job)"
+        assert job["name"] == "training_job"
+        assert job["query"] == "label_values(optserve_job_version, training_job)"
         for panel in dashboard["panels"]:
             if panel["type"] != "row":
                 assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
@@ -260,6 +262,24 @@ def test_promtool_checks_the_prometheus_config(config):
     promtool = tool("promtool", "prometheus")
     # rule_files are relative to the config's folder, so this works from anywhere.
     run(promtool, "check", "config", f"deploy/prometheus/{config}")
+    # A standard scrape, as a kube-prometheus ServiceMonitor does it: the shard's labels
+    # need no honor_labels (the real-Prometheus test checks what a scrape makes of them).
+    for scrape in yaml.safe_load((DEPLOY / "prometheus" / config).read_text())["scrape_configs"]:
+        assert "honor_labels" not in scrape, f"{config}: {scrape['job_name']} sets honor_labels"
+
+
+def test_promtool_cases_tell_the_training_job_from_the_scrape_job(tmp_path):
+    """The promtool cases can fail: the rules with the training job read from `job` (the
+    scrape job, "optserve" on every series) no longer pass them."""
+    promtool = tool("promtool", "prometheus")
+    text = ALERTS.read_text()
+    assert "training_job" in text
+    (tmp_path / "alerts.yml").write_text(text.replace("training_job", "job"))
+    shutil.copy(DEPLOY / "prometheus" / "alerts_test.yml", tmp_path)
+    proc = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert "OptserveSkippedSteps" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"],
@@ -348,7 +368,7 @@ def shard_samples() -> dict[str, float]:
     with urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
         text = r.read().decode()
     return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'^optserve_steps_total\{job="([^"]+)"\} (\S+)$', text, re.M)}
+            re.finditer(r'^optserve_steps_total\{training_job="([^"]+)"\} (\S+)$', text, re.M)}
 
 
 def wait_until_scraped(timeout: float = 60.0) -> list[str]:
@@ -357,8 +377,8 @@ def wait_until_scraped(timeout: float = 60.0) -> list[str]:
     assert len(want) == 4, f"expected 3 demo jobs and ci-async on the shard, got {want}"
     deadline = time.monotonic() + timeout
     while True:
-        got = {r["metric"]["job"]: float(r["value"][1])
-               for r in prom_query(f'optserve_steps_total{{job=~"{"|".join(want)}"}}')}
+        got = {r["metric"]["training_job"]: float(r["value"][1])
+               for r in prom_query(f'optserve_steps_total{{training_job=~"{"|".join(want)}"}}')}
         # rate() needs two samples of a series: wait for a second scrape of the newest ones.
         if got == want and min(len(series["values"]) for series in
                                prom_query('{__name__=~"optserve_.+"}[1m]')) >= 2:
@@ -373,7 +393,7 @@ def grafana_to_promql(expr: str, jobs: list[str]) -> str:
     assert all(re.fullmatch(r"[\w.-]+", j) for j in jobs), jobs  # nothing to regex-escape
     choice = "(" + "|".join(jobs) + ")"
     for macro, value in (("$__rate_interval", "1m"), ("$__interval", "1m"),
-                         ("${job}", choice), ("$job", choice)):
+                         ("${training_job}", choice), ("$training_job", choice)):
         expr = expr.replace(macro, value)
     assert "$" not in expr, f"unsubstituted variable in {expr}"
     return expr
@@ -397,3 +417,16 @@ def test_dashboards_and_alerts_return_data_from_real_prometheus(busy_shard):
                 empty.append(f"alert {rule['alert']}: {side}")
     assert len(checked) > 25
     assert not empty, "no data for:\n" + "\n".join(empty)
+
+
+def test_a_standard_scrape_keeps_the_training_job_label(busy_shard):
+    """Scraped without honor_labels, every optserve_* series keeps the shard's own labels:
+    Prometheus renamed none of them to exported_*, and `job` is the scrape config's."""
+    series = prom_query('{__name__=~"optserve_.+"}')
+    assert series
+    renamed = [s["metric"] for s in series if any(k.startswith("exported_") for k in s["metric"])]
+    assert not renamed, renamed[:5]
+    assert {s["metric"]["job"] for s in series} == {CI_SCRAPE_JOB}
+    jobs = {s["metric"]["training_job"] for s in series if "training_job" in s["metric"]}
+    assert set(busy_shard) <= jobs
+    assert not prom_query('{__name__=~"optserve_.+_created"}'), "_created series are exported"

@@ -23,10 +23,10 @@ from support import DEVICE
 
 
 def job_series(port: int, job: str) -> list[str]:
-    """The names of the scraped samples labelled with `job`."""
+    """The names of the scraped samples labelled with training job `job`."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return [s.name for family in text_string_to_metric_families(text) for s in family.samples
-            if s.labels.get("job") == job]
+            if s.labels.get("training_job") == job]
 
 
 def test_delete_job_frees_its_name_slot_metrics_and_checkpoints(tmp_path):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import urllib.request
 
 import numpy as np
@@ -12,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import make_data, make_model
 from optserve.client import RemoteOptimizer
 from optserve.server import ShardConfig, ShardServer
-from optserve.server.metrics import angular_step, tensor_series
-from support import DEVICE
+from optserve.server.metrics import ShardMetrics, angular_step, tensor_series
+from support import DEVICE, skip_or_fail
 
 
 @pytest.fixture
@@ -22,8 +24,10 @@ def metered():
     server = ShardServer(ShardConfig(port=0, device=DEVICE, max_tensor_series=4)).start()
     port = server.serve_metrics(0)
 
-    def scrape() -> dict[tuple[str, tuple], float]:
+    def scrape(raw: bool = False) -> dict[tuple[str, tuple], float] | str:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if raw:
+            return text
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -57,7 +61,7 @@ def test_per_tensor_metrics_match_float64_math(metered, lr):
     for name, p in model.named_parameters():
         w0, w1 = before[name], f64(p)
         angle = np.linalg.norm(w1 / np.linalg.norm(w1) - w0 / np.linalg.norm(w0))
-        labels = dict(job=f"m{lr:g}", tensor=name)
+        labels = dict(training_job=f"m{lr:g}", tensor=name)
         assert sample(samples, "optserve_effective_step", **labels) == pytest.approx(angle, rel=1e-6)
         assert sample(samples, "optserve_weight_norm", **labels) == pytest.approx(
             np.linalg.norm(w1), rel=1e-9)
@@ -66,7 +70,8 @@ def test_per_tensor_metrics_match_float64_math(metered, lr):
         assert sample(samples, "optserve_grad_norm", **labels) == pytest.approx(
             np.linalg.norm(grads[name]), rel=1e-6)
     if lr == 1e-8:  # the point of the careful formula: sqrt(2 - 2cos) in float32 gives 0 here
-        assert 0 < sample(samples, "optserve_effective_step", job="m1e-08", tensor="0.weight") < 1e-6
+        assert 0 < sample(samples, "optserve_effective_step", training_job="m1e-08",
+                          tensor="0.weight") < 1e-6
     opt.close()
 
 
@@ -96,13 +101,14 @@ def test_series_beyond_the_cap_are_aggregated_by_prefix(metered):
     names = [n for n, _ in model.named_parameters()]
     assert sorted(set(tensor_series(names, 4))) == ["bn.*", "conv.*", "fc1.*", "fc2.*"]
     fc1 = np.concatenate([f64(model.fc1.weight), f64(model.fc1.bias)])
-    assert sample(samples, "optserve_weight_norm", job="capped", tensor="fc1.*") == pytest.approx(
-        np.linalg.norm(fc1), rel=1e-9)
-    assert ("optserve_weight_norm", (("job", "capped"), ("tensor", "fc1.weight"))) not in samples
-    assert sample(samples, "optserve_stepped_tensors", job="capped") == 7
+    assert sample(samples, "optserve_weight_norm", training_job="capped",
+                  tensor="fc1.*") == pytest.approx(np.linalg.norm(fc1), rel=1e-9)
+    assert ("optserve_weight_norm",
+            (("tensor", "fc1.weight"), ("training_job", "capped"))) not in samples
+    assert sample(samples, "optserve_stepped_tensors", training_job="capped") == 7
     # conv is scale-invariant (a BatchNorm follows), so its gradient is orthogonal to it
     assert projected >= 1 and sample(samples, "optserve_adamp_projected_tensors",
-                                     job="capped") == projected
+                                     training_job="capped") == projected
     opt.close()
 
 
@@ -134,21 +140,23 @@ def test_service_metrics(metered):
     with pytest.raises(Exception, match="non-finite"):
         opt.step()
     samples = scrape()
-    assert sample(samples, "optserve_steps_total", job="svc") == 3
-    assert sample(samples, "optserve_job_version", job="svc") == 3
-    assert sample(samples, "optserve_skipped_steps_total", job="svc", reason="nonfinite") == 1
+    assert sample(samples, "optserve_steps_total", training_job="svc") == 3
+    assert sample(samples, "optserve_job_version", training_job="svc") == 3
+    assert sample(samples, "optserve_skipped_steps_total", training_job="svc",
+                  reason="nonfinite") == 1
     assert sample(samples, "optserve_rpcs_total", method="Step", code="OK") == 3
     assert sample(samples, "optserve_rpcs_total", method="Step", code="INVALID_ARGUMENT") == 1
     assert sample(samples, "optserve_rpcs_total", method="RegisterJob", code="OK") == 1
     for phase in ("receive", "wait", "compute", "send"):
-        assert sample(samples, "optserve_step_phase_seconds_count", job="svc", phase=phase) >= 3
+        assert sample(samples, "optserve_step_phase_seconds_count", training_job="svc",
+                      phase=phase) >= 3
     n = sum(p.numel() for p in model.parameters())
-    assert sample(samples, "optserve_bytes_received_total", job="svc") == 4 * 4 * n
-    assert sample(samples, "optserve_bytes_sent_total", job="svc") == 3 * 4 * n
-    assert sample(samples, "optserve_adafactor_clip_ratio", job="svc") >= 1
-    assert sample(samples, "optserve_state_bytes", job="svc") > 4 * n
+    assert sample(samples, "optserve_received_bytes_total", training_job="svc") == 4 * 4 * n
+    assert sample(samples, "optserve_sent_bytes_total", training_job="svc") == 3 * 4 * n
+    assert sample(samples, "optserve_adafactor_clip_ratio", training_job="svc") >= 1
+    assert sample(samples, "optserve_state_bytes", training_job="svc") > 4 * n
     assert sample(samples, "optserve_shard_up") == 1
-    assert sample(samples, "optserve_learning_rate", job="svc", group="0") == 0.0
+    assert sample(samples, "optserve_learning_rate", training_job="svc", group="0") == 0.0
     opt.close()
 
 
@@ -179,7 +187,8 @@ def test_step_sums_are_computed_only_for_a_metrics_refresh(monkeypatch):
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                        for family in text_string_to_metric_families(text) for s in family.samples}
-            shown = samples.get(("optserve_weight_norm", (("job", "every2"), ("tensor", "weight"))))
+            shown = samples.get(("optserve_weight_norm",
+                                 (("tensor", "weight"), ("training_job", "every2"))))
             if len(norms) == 1:
                 assert shown is None            # version 1: no refresh yet
             else:                               # the last even version's norm
@@ -188,3 +197,59 @@ def test_step_sums_are_computed_only_for_a_metrics_refresh(monkeypatch):
         opt.close()
     finally:
         server.stop(grace=0)
+
+
+def test_the_exposition_fits_a_standard_prometheus_scrape(metered):
+    """What a shard serves passes `promtool check metrics`; the training job is in
+    `training_job` (a target's own `job` would collide with the scrape's), there is no
+    `_created` series, and every counter of bytes is named `<what>_bytes_total`."""
+    server, scrape = metered
+    model = torch.nn.Linear(8, 4)
+    opt = RemoteOptimizer(model.named_parameters(), "adamw", servers=[server.address],
+                          job="lint", lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+    opt.close()
+    text = scrape(raw=True)
+    families = list(text_string_to_metric_families(text))
+    samples = [s for f in families for s in f.samples]
+    assert not [s.name for s in samples if s.name.endswith("_created")]
+    assert not [s for s in samples if "job" in s.labels]
+    per_job = {s.name for s in samples if s.labels.get("training_job") == "lint"}
+    assert {"optserve_steps_total", "optserve_received_bytes_total",
+            "optserve_sent_bytes_total", "optserve_weight_norm"} <= per_job
+    bytes_counters = [f.name for f in families if f.type == "counter" and "bytes" in f.name]
+    assert bytes_counters and all(name.endswith("_bytes") for name in bytes_counters), \
+        bytes_counters
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        skip_or_fail("promtool is not installed (apt-get install prometheus)")
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), \
+        lint.stdout + lint.stderr
+
+
+def test_device_copies_are_a_bytes_total_counter():
+    """The GPU backend's copy counter, as a scrape reads it (the collector is fed a report
+    here, as the CUDA backend's device_report would)."""
+    from prometheus_client import generate_latest
+    metrics = ShardMetrics()
+    metrics.watch_device(lambda: dict(device=1, device_limit=2, pinned=3, h2d=40, d2h=50))
+    samples = {(s.name, tuple(s.labels.items())): s.value for f in text_string_to_metric_families(
+        generate_latest(metrics.registry).decode()) for s in f.samples}
+    assert samples[("optserve_device_copy_bytes_total", (("direction", "h2d"),))] == 40
+    assert samples[("optserve_device_memory_bytes", (("kind", "pinned"),))] == 3
+
+
+def test_only_the_shards_registry_drops_created_series():
+    """Other registries in the process (a worker's, the library's default) keep
+    prometheus_client's own setting: the shard does not turn `_created` off globally."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    shard, other = ShardMetrics(), CollectorRegistry()
+    shard.steps.labels("j").inc()
+    Counter("other_events", "a counter of another library user", registry=other).inc()
+    assert b"optserve_steps_created" not in generate_latest(shard.registry)
+    assert b"other_events_created" in generate_latest(other)

@@ -2,6 +2,7 @@
 process's lifecycle and the dependency boundaries between worker and shard."""
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import subprocess
@@ -84,14 +85,51 @@ def test_dependency_boundaries(module, blocked):
 
 
 def test_demo_compare_shows_adamp_keeping_scale_invariant_norms_flat(tmp_path):
-    """The science demo, short: on conv weights followed by BatchNorm, AdamP's projection
-    keeps the norm from growing the way Adam+L2's does; the plot is written."""
-    from optserve.compare import collect, plot
-    results = {r["label"]: r for r in collect(DEVICE, steps=25)}
-    growth = {k: r["norms"][-1] - r["norms"][0] for k, r in results.items()}
+    """The science demo, short, as a user runs it: on conv weights followed by BatchNorm,
+    AdamP's projection keeps the norm from growing the way Adam+L2's does, so its effective
+    step is larger than AdamW's; Adafactor's factored state and Lion's one buffer are smaller
+    than Adam's two. The plot goes where it says, in the temporary directory by default, and
+    nothing else is left there."""
+    import re
+    from optserve import compare
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "optserve", "demo", "--compare", "--steps", "40",
+         "--device", DEVICE], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^  (\S+) +(\S+) +(\S+) +([-+][\d.]+)% +(\S+) +(\S+) rad +([\d,]+) B$",
+        proc.stdout, re.M)}
+    assert list(rows) == list(compare.RUNS), proc.stdout
+    growth = {k: float(r[2]) for k, r in rows.items()}
+    step = {k: float(r[3]) for k, r in rows.items()}
+    state = {k: int(r[5].replace(",", "")) for k, r in rows.items()}
     assert growth["AdamP"] < 0.5 * growth["Adam+L2"], growth
-    assert results["Adafactor"]["optimizer_state_bytes"] < results["AdamW"]["optimizer_state_bytes"] / 4
-    plot(list(results.values()), str(tmp_path / "compare.png"))
+    assert step["AdamP"] > 1.02 * step["AdamW"], step      # the same update, a smaller norm
+    n = sum(p.numel() for p in demo_model().parameters())
+    assert state["AdamW"] == state["AdamP"] == 8 * n       # exp_avg and exp_avg_sq, float32
+    assert state["Lion"] == 4 * n                          # exp_avg only
+    assert state["Adafactor"] < state["AdamW"] / 4
+    (plot,) = re.findall(r"^plot: (.+)$", proc.stdout, re.M)
+    assert pathlib.Path(plot) == tmp / "optserve" / "compare.png"
+    assert pathlib.Path(plot).stat().st_size > 10_000
+    assert not list(tmp.glob("optserve-*")), list(tmp.iterdir())   # the shard's log folder
+
+
+def demo_model():
+    from optserve.demo import make_model
+    return make_model()
+
+
+def test_the_compare_plot_draws_every_run_in_both_panels(tmp_path):
+    from optserve.compare import RUNS, plot
+    runs = [dict(label=label, start_norm=1.0, norms=[1.0 + k * i / 100 for i in range(1, 31)],
+                 angles=[0.01 / (k + 1)] * 30) for k, label in enumerate(RUNS)]
+    figure = plot(runs, tmp_path / "compare.png")
+    for axes in figure.axes:
+        assert [line.get_label() for line in axes.get_lines()] == list(RUNS)
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

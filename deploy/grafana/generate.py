@@ -8,10 +8,9 @@ tests/test_deploy.py regenerates it into a temporary folder and fails when the c
 differ, so edit this file and rerun it, never the JSON.
 
 Every metric used here is defined in server/metrics.py. A note on labels: the shard's metrics
-carry the *training* job in their `job` label, and Prometheus scrapes them with
-`honor_labels: true` (deploy/prometheus/*.yml), so `job` is the training job on every optserve_*
-series that has one. The `$job` variable is multi-valued with an "All" of `.*`, so every
-selector uses `job=~"$job"`.
+carry the *training* job in their `training_job` label; `job` is Prometheus's own, the scrape
+config's job name (`optserve`), as on any target. The `$training_job` variable is multi-valued
+with an "All" of `.*`, so every selector uses `training_job=~"$training_job"`.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ OUT = HERE / "dashboards"
 
 # Fixed in deploy/grafana/provisioning/datasources/prometheus.yml.
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="optserve-prometheus")
-JOB = 'job=~"$job"'
+JOB = 'training_job=~"$training_job"'
 RATE = "$__rate_interval"
 # How many per-tensor series a panel shows: a job may export up to --max-tensor-series of them.
 TOP = 10
@@ -74,8 +73,8 @@ def single(title: str, unit: str, query: prometheus.Dataquery, description: str 
 
 def job_variable() -> db.QueryVariable:
     """Training jobs that have a version on some shard; several or All may be picked."""
-    return (db.QueryVariable("job").label("job").datasource(DATASOURCE)
-            .query("label_values(optserve_job_version, job)")
+    return (db.QueryVariable("training_job").label("training job").datasource(DATASOURCE)
+            .query("label_values(optserve_job_version, training_job)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
             .multi(True).include_all(True).all_value(".*")
             .current(VariableOption(selected=True, text="All", value="$__all")))
@@ -89,7 +88,7 @@ def base(uid: str, title: str, description: str) -> db.Dashboard:
 
 
 def optimizer_health() -> db.Dashboard:
-    per_tensor = "{{job}} {{tensor}}"
+    per_tensor = "{{training_job}} {{tensor}}"
     return (
         base("optserve-optimizer-health", "optserve / optimizer health",
              "What the optimizer does to the weights: norms, angular step sizes, update ratios, "
@@ -122,21 +121,25 @@ def optimizer_health() -> db.Dashboard:
         .with_row(db.Row("Optimizer"))
         .with_panel(graph(
             "Learning rate per group", "none",
-            q(f"max by (job, group) (optserve_learning_rate{{{JOB}}})", "{{job}} group {{group}}"),
+            q(f"max by (training_job, group) (optserve_learning_rate{{{JOB}}})",
+              "{{training_job}} group {{group}}"),
             description="The lr each parameter group's last step used (the worker's scheduler "
                         "sets it).", width=8))
         .with_panel(graph(
             "AdamP: projected vs stepped tensors", "none",
             # Each shard projects only the tensors it holds: sum over shards.
-            q(f"sum by (job) (optserve_adamp_projected_tensors{{{JOB}}})", "{{job}} projected"),
-            q(f"sum by (job) (optserve_stepped_tensors{{{JOB}}})", "{{job}} stepped"),
+            q(f"sum by (training_job) (optserve_adamp_projected_tensors{{{JOB}}})",
+              "{{training_job}} projected"),
+            q(f"sum by (training_job) (optserve_stepped_tensors{{{JOB}}})",
+              "{{training_job}} stepped"),
             description="Tensors whose AdamP update had its radial part removed (the weights "
                         "looked scale-invariant), out of all tensors stepped.", width=8))
         .with_panel(graph(
             "Adafactor: update clipping", "none",
-            q(f"max by (job) (optserve_adafactor_clip_ratio{{{JOB}}})", "{{job}} clip ratio"),
-            q(f"sum by (job) (optserve_adafactor_clipped_tensors{{{JOB}}})",
-              "{{job}} clipped tensors"),
+            q(f"max by (training_job) (optserve_adafactor_clip_ratio{{{JOB}}})",
+              "{{training_job}} clip ratio"),
+            q(f"sum by (training_job) (optserve_adafactor_clipped_tensors{{{JOB}}})",
+              "{{training_job}} clipped tensors"),
             description="Mean clipping divisor max(1, RMS(U)/d) (1 = nothing clipped) and how "
                         "many tensors were clipped in the last step.", width=8))
     )
@@ -167,43 +170,48 @@ def service() -> db.Dashboard:
         .with_row(db.Row("Steps"))
         .with_panel(graph(
             "Step latency by phase (p50, p99)", "s",
-            q(quantile("optserve_step_phase_seconds", "job, phase", phi=0.5),
-              "{{job}} {{phase}} p50"),
-            q(quantile("optserve_step_phase_seconds", "job, phase"), "{{job}} {{phase}} p99"),
+            q(quantile("optserve_step_phase_seconds", "training_job, phase", phi=0.5),
+              "{{training_job}} {{phase}} p50"),
+            q(quantile("optserve_step_phase_seconds", "training_job, phase"),
+              "{{training_job}} {{phase}} p99"),
             description="Receive (gradient stream), wait (sync barrier), compute (optimizer "
                         "kernel) and send (parameters back).", log=True))
         .with_panel(graph(
             "Steps/s and skipped gradients", "ops",
             # Every shard holding part of a job steps it: max, not sum, over shards.
-            q(f"max by (job) (rate(optserve_steps_total{{{JOB}}}[{RATE}]))", "{{job}} steps"),
+            q(f"max by (training_job) (rate(optserve_steps_total{{{JOB}}}[{RATE}]))",
+              "{{training_job}} steps"),
             # every shard counts the same skipped step: max over shards, as for steps
-            q(f"max by (job, reason) (rate(optserve_skipped_steps_total{{{JOB}}}[{RATE}]))",
-              "{{job}} skipped: {{reason}}"),
+            q(f"max by (training_job, reason) "
+              f"(rate(optserve_skipped_steps_total{{{JOB}}}[{RATE}]))",
+              "{{training_job}} skipped: {{reason}}"),
             description="Optimizer steps applied, and gradients received but not applied: late "
                         "(quorum already met), stale (over the staleness bound), nonfinite."))
         .with_panel(graph(
             "Bytes in / out", "Bps",
-            q(f"sum by (job) (rate(optserve_bytes_received_total{{{JOB}}}[{RATE}]))",
-              "{{job}} in"),
-            q(f"sum by (job) (rate(optserve_bytes_sent_total{{{JOB}}}[{RATE}]))", "{{job}} out"),
-            description="Payload bytes per second over all shards: gradients and initial "
-                        "parameters in, parameters and state out.", width=8))
+            q(f"sum by (training_job) (rate(optserve_received_bytes_total{{{JOB}}}[{RATE}]))",
+              "{{training_job}} in"),
+            q(f"sum by (training_job) (rate(optserve_sent_bytes_total{{{JOB}}}[{RATE}]))",
+              "{{training_job}} out"),
+            description="Step payload bytes per second over all shards: gradients in, "
+                        "parameters out.", width=8))
         .with_panel(graph(
             "Barrier wait p99", "s",
-            q(quantile("optserve_barrier_wait_seconds", "job"), "{{job}}"),
+            q(quantile("optserve_barrier_wait_seconds", "training_job"), "{{training_job}}"),
             description="Sync mode: how long a gradient waited for the step's quorum. High "
                         "values point at a slow worker, not at the shard.", width=8))
         .with_panel(graph(
             "Staleness (p50, p99)", "none",
-            q(quantile("optserve_staleness_versions", "job", phi=0.5), "{{job}} p50"),
-            q(quantile("optserve_staleness_versions", "job"), "{{job}} p99"),
+            q(quantile("optserve_staleness_versions", "training_job", phi=0.5),
+              "{{training_job}} p50"),
+            q(quantile("optserve_staleness_versions", "training_job"), "{{training_job}} p99"),
             description="Async mode: versions between the parameters a gradient was computed "
                         "on and the job's current ones.", width=8))
         .with_row(db.Row("RPCs and state"))
         .with_panel(graph(
             "RPCs by method and code", "reqps",
             q(f"sum by (method, code) (rate(optserve_rpcs_total[{RATE}]))", "{{method}} {{code}}"),
-            description="All RPCs the shards handled (the series carry no job label).",
+            description="All RPCs the shards handled (the series carry no training_job label).",
             width=8))
         .with_panel(graph(
             "RPC errors by method", "reqps",
@@ -213,12 +221,13 @@ def service() -> db.Dashboard:
             description='RPCs that ended with a status other than OK (code!="OK").', width=8))
         .with_panel(graph(
             "State bytes per job", "bytes",
-            q(f"sum by (job) (optserve_state_bytes{{{JOB}}})", "{{job}}"),
+            q(f"sum by (training_job) (optserve_state_bytes{{{JOB}}})", "{{training_job}}"),
             description="Parameters and optimizer state per job, over all shards.", width=8))
         .with_panel(graph(
             "Active jobs and workers", "none",
             q("optserve_active_jobs", "{{instance}} jobs"),
-            q(f"max by (job) (optserve_active_workers{{{JOB}}})", "{{job}} workers"),
+            q(f"max by (training_job) (optserve_active_workers{{{JOB}}})",
+              "{{training_job}} workers"),
             description="Jobs each shard holds, and the workers a sync step of each job waits "
                         "for."))
         .with_panel(graph(
