@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run only this worker (with --servers), e.g. one container of a "
                            "cluster (default: all --workers ranks)")
     demo.add_argument("--job", default=None, help="job name prefix (default: demo-<pid>)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue jobs of this --job name that have taken steps (a rerun "
+                           "against shards that kept them, e.g. from their checkpoints); "
+                           "without it such a rerun is refused")
     demo.add_argument("--tokens-file", default=None,
                       help='JSON {"job": "token"}: the bearer token each job\'s workers send '
                            "(default: no tokens)")

@@ -91,6 +91,7 @@ class WorkerArgs:
     job: str
     mode: str
     token: str | None = None
+    resume: bool = False
 
 
 def worker(args: WorkerArgs, progress) -> None:
@@ -108,7 +109,8 @@ def worker(args: WorkerArgs, progress) -> None:
     hyper = dict(RECIPES[args.optimizer])
     opt = RemoteOptimizer(param_groups(model, hyper.pop("weight_decay")), args.optimizer,
                           servers=args.servers, job=args.job, rank=args.rank,
-                          world_size=args.world_size, mode=args.mode, token=args.token, **hyper)
+                          world_size=args.world_size, mode=args.mode, token=args.token,
+                          resume=args.resume, **hyper)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     g = torch.Generator().manual_seed(100 + args.rank)
     for step in range(1, args.steps + 1):
@@ -200,7 +202,8 @@ def train_one(optimizer: str, servers: list[str], ranks: list[int],
         with open(args.tokens_file) as f:
             token = json.load(f).get(job)
     procs = [ctx.Process(target=worker, args=(WorkerArgs(r, args.workers, servers, optimizer,
-                                                         args.steps, 64, job, args.mode, token),
+                                                         args.steps, 64, job, args.mode, token,
+                                                         args.resume),
                                               progress))
              for r in ranks]
     start = time.perf_counter()
