@@ -1,6 +1,6 @@
 """RemoteOptimizer: a torch.optim.Optimizer whose step runs on optserve shards.
 
-    opt = RemoteOptimizer(model.named_parameters(), optimizer="adamw",
+    opt = RemoteOptimizer(model.named_parameters(), torch.optim.AdamW,
                           servers=["127.0.0.1:50051"], job="run-1", lr=1e-3)
     loss.backward(); opt.step(); opt.zero_grad()
 
@@ -47,13 +47,37 @@ class RolledBack(OptserveError):
         self.step = step
 
 
+def _resolve_optimizer(optimizer: str | type, hyperparameters: dict[str, Any]
+                       ) -> tuple[optimizers.OptimizerInfo, dict[str, Any]]:
+    """(the registry entry, the param-group defaults) of `optimizer`: a registry name takes
+    the registry's defaults (under its peer's names), a peer class its own; an argument
+    that neither has is refused by name."""
+    if not isinstance(optimizer, str):
+        return optimizers.peer_class(optimizer).resolve(hyperparameters)
+    info = optimizers.REGISTRY.get(optimizer)
+    if info is None:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
+                         f"{sorted(optimizers.REGISTRY)}, or pass an optimizer class "
+                         f"({', '.join(sorted(p.path for p in optimizers.PEERS.values()))})")
+    unknown = set(hyperparameters) - set(info.defaults)
+    if unknown:
+        raise TypeError(f"{optimizer} got unexpected hyperparameters {sorted(unknown)}")
+    return info, dict(info.defaults)
+
+
 class RemoteOptimizer(torch.optim.Optimizer):
     """A torch optimizer that runs on optserve shards.
 
     Args:
       params: parameters, `model.named_parameters()`, or param-group dicts, as for torch.
-      optimizer: a name in optserve.proto.optimizers.REGISTRY ("adamw", "adam", "adamp",
-        "adafactor", "lion", ...).
+      optimizer: the optimizer class to run, which then takes its own keyword arguments
+        with its own defaults (torch.optim.AdamW, torch.optim.Adam, torch.optim.Adafactor,
+        adamp.AdamP, transformers.optimization.Adafactor, lion_pytorch.Lion: the keys of
+        optserve.proto.optimizers.PEERS; its implementation switches such as foreach or
+        fused are accepted and change nothing), or a name in
+        optserve.proto.optimizers.REGISTRY ("adamw", "adam", "adamp", "adafactor",
+        "torch_adafactor", "lion"), which takes the same arguments and a few of optserve's
+        own (weight_decay_mode; maximize for lion).
       servers: shard addresses ("host:port"); tensors are placed on them by size. Default:
         $OPTSERVE_SERVERS, comma-separated.
       job: the job's name; every worker of one training run uses the same.
@@ -82,12 +106,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
       token: the job's bearer token, when the shards check tokens.
       tls_ca, tls_cert, tls_key: PEM files: the CA that signed the shards' certificates
         (TLS), and this worker's certificate and key (mutual TLS).
-      **hyperparameters: under the peer optimizer's names (lr, betas, eps, weight_decay, ...;
-        weight_decay_mode for adamw; delta, wd_ratio, nesterov for adamp; HF's names for
-        adafactor; lion-pytorch's for lion).
+      **hyperparameters: the optimizer class's keyword arguments (lr, betas, eps,
+        weight_decay, amsgrad, maximize, ...), or for a registry name its peer's (HF's for
+        adafactor, torch's for torch_adafactor, lion-pytorch's for lion) and
+        weight_decay_mode for adamw and lion. Any other name is refused (TypeError).
     """
 
-    def __init__(self, params, optimizer: str = "adamw", *, servers: Sequence[str] | None = None,
+    def __init__(self, params, optimizer: str | type = "adamw", *,
+                 servers: Sequence[str] | None = None,
                  job: str, rank: int | None = None, world_size: int | None = None,
                  resume: bool = False, connect_timeout: float = 5.0, mode: str = "sync",
                  backup_workers: int = 0, max_staleness: int | None = None,
@@ -97,18 +123,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  retries: int = 12, nonfinite: str = "refuse", token: str | None = None,
                  tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, **hyperparameters):
-        info = optimizers.REGISTRY.get(optimizer)
-        if info is None:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimizers.REGISTRY)}")
-        unknown = set(hyperparameters) - set(info.defaults)
-        if unknown:
-            raise TypeError(f"{optimizer} got unexpected hyperparameters {sorted(unknown)}")
+        info, defaults = _resolve_optimizer(optimizer, hyperparameters)
         servers = servers_from_env() if servers is None else servers
         rank, world_size = ranks(rank, world_size)
         options = JobOptions(servers, job, rank, world_size, mode, backup_workers, max_staleness,
                              staleness_lr, timeout, on_timeout, grad_dtype, param_dtype, nonfinite)
         options.check()
-        super().__init__(params, {**info.defaults, **hyperparameters})
+        super().__init__(params, {**defaults, **hyperparameters})
         tune_malloc()
         self.info = info
         self.job = job
@@ -297,7 +318,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if steps[t] == 0:
                     continue  # never stepped: torch keeps no state for it
                 p = self._params[t]
-                self.state[p][field] = torch.from_numpy(value.copy()).to(p.device)
+                name, shape = self.info.peer_field(field, tuple(p.shape))   # the peer's
+                value = torch.from_numpy(value.copy())
+                self.state[p][name] = (value if shape is None else value.reshape(shape)).to(p.device)
             for t, s in steps.items():
                 if s:
                     self.state[self._params[t]]["step"] = (
@@ -308,14 +331,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self.state.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads torch's format and pushes the optimizer state to the shards."""
+        """Loads torch's format and pushes the optimizer state to the shards. The groups'
+        options that decide the state kept (amsgrad; Adafactor's beta1) must be the job's."""
+        groups = self.param_groups
         super().load_state_dict(state_dict)
-        for gi, g in enumerate(self.param_groups):
-            for k, v in self.info.defaults.items():
-                g.setdefault(k, v)
-            self._group_proto(g, gi)
         try:
+            for gi, g in enumerate(self.param_groups):
+                for k, v in self.defaults.items():
+                    g.setdefault(k, v)
+                loaded = self.info.layout_options(self._group_proto(g, gi))
+                registered = self.info.layout_options(self.spec.groups[gi])
+                if loaded != registered:
+                    raise ValueError(f"the state dict's group {gi} has {dict(loaded)}, the job "
+                                     f"was registered with {dict(registered)}: build the "
+                                     "RemoteOptimizer with the same options")
             self._shards.call_all(self._set_state)
+        except BaseException:
+            self.param_groups = groups
+            raise
         finally:
             self.state.clear()
 
@@ -337,13 +370,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
             p, spec = self._params[t], self.spec.tensors[t]
             st = self.state.get(p, {})
             fields = self.info.state_fields(tuple(spec.shape), self.spec.groups[spec.group])
-            held = "step" in st or any(name in st for name in fields)
+            peer = {name: self.info.peer_field(name, tuple(p.shape)) for name in fields}
+            held = "step" in st or any(peer[name][0] in st for name in fields)
             # lion_pytorch keeps no step count (Lion needs none): a tensor with state has stepped
             header.steps.append(int(st.get("step", 1 if held else 0)))
             for name, shape in sorted(fields.items()):
-                value = st.get(name) if held else None
+                peer_name, peer_shape = peer[name]
+                value = st.get(peer_name) if held else None
+                if value is None and held:
+                    raise ValueError(f"the state of {spec.name!r} has no {peer_name!r} (it has "
+                                     f"{sorted(st)}): a state dict of another optimizer?")
                 if value is None:
                     value = torch.zeros(shape)
+                elif peer_shape is not None:   # the peer's shape, e.g. torch's kept dims
+                    if tuple(value.shape) != peer_shape:
+                        raise ValueError(f"state {peer_name!r} of {spec.name!r} has shape "
+                                         f"{tuple(value.shape)}, expected {peer_shape}")
+                    value = value.reshape(shape)
                 if tuple(value.shape) != tuple(shape):
                     raise ValueError(f"state {name!r} of {spec.name!r} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(shape)}")

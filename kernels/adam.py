@@ -1,14 +1,17 @@
 """AdamW and Adam: the NumPy reference, the numba CPU kernel and the CUDA driver.
 
-    AdamW:  θ ← θ·decay;        m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v/√bc2 + ε)
-    Adam:   g ← g + λθ (L2);    m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v/√bc2 + ε)
+    AdamW:  θ ← θ·decay;        m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v̄/√bc2 + ε)
+    Adam:   g ← g + λθ (L2);    m, v ← moments(g);  θ ← θ − (lr/bc1)·m/(√v̄/√bc2 + ε)
 
 with moments m ← m + (1−β1)(g − m), v ← β2·v + (1−β2)·g², bc_i = 1 − β_i^t, g negated
 under `maximize`, and decay the decoupled factor of the job's weight_decay_mode
 (kernels/hyper.py). ε is added after the bias-corrected square root, as torch does.
+v̄ = v, or under `amsgrad` the running maximum of the raw v, kept as max_exp_avg_sq
+(v̂max ← max(v̂max, v), bias-corrected after the max, as torch).
 
 References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
-Alg. 2; Kingma & Ba, "Adam", ICLR 2015, Alg. 1; torch.optim.AdamW / Adam (the oracles).
+Alg. 2; Kingma & Ba, "Adam", ICLR 2015, Alg. 1; Reddi, Kale & Kumar, "On the Convergence
+of Adam and Beyond", ICLR 2018 (AMSGrad); torch.optim.AdamW / Adam (the oracles).
 """
 from __future__ import annotations
 
@@ -39,38 +42,48 @@ def moments(grad, state, beta1, beta2):
     return m, v
 
 
+def amsgrad_max(v, state, amsgrad):
+    """v̄: v, or with amsgrad max_exp_avg_sq ← max(max_exp_avg_sq, v) (over the raw v)."""
+    if not amsgrad:
+        return v
+    return np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+
+
 def denominator(v, step, beta2, eps):
     """√v/√bc2 + ε (ε after the bias-corrected square root, as torch)."""
     return np.sqrt(v) / F32(math.sqrt(1.0 - beta2**step)) + F32(eps)
 
 
 def adamw(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay,
-          weight_decay_mode=DecayMode.LR, initial_lr=None, maximize=False):
+          weight_decay_mode=DecayMode.LR, initial_lr=None, maximize=False, amsgrad=False):
     """AdamW, decoupled decay applied to θ_{t−1} before the Adam step (torch.optim.AdamW)."""
     g = -grad if maximize else grad
     if weight_decay != 0:
         param *= F32(decay_factor(weight_decay_mode, lr, weight_decay, initial_lr or lr))
     m, v = moments(g, state, beta1, beta2)
+    v = amsgrad_max(v, state, amsgrad)
     param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
 
 
-def adam(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay, maximize=False):
+def adam(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay, maximize=False,
+         amsgrad=False):
     """Adam with classic coupled L2: g ← g + λθ_{t−1}, then the Adam step (torch.optim.Adam)."""
     g = -grad if maximize else grad
     if weight_decay != 0:
         g = g + F32(weight_decay) * param
     m, v = moments(g, state, beta1, beta2)
+    v = amsgrad_max(v, state, amsgrad)
     param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
 
 
 def _reference(param, grad, state, step, h: Hyper, *, coupled: bool) -> dict:
     if coupled:
         adam(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-             weight_decay=h.weight_decay, maximize=h.maximize)
+             weight_decay=h.weight_decay, maximize=h.maximize, amsgrad=h.amsgrad)
     else:
         adamw(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
               weight_decay=h.weight_decay, weight_decay_mode=DecayMode(h.weight_decay_mode),
-              initial_lr=h.initial_lr, maximize=h.maximize)
+              initial_lr=h.initial_lr, maximize=h.maximize, amsgrad=h.amsgrad)
     return {}
 
 
@@ -80,8 +93,8 @@ def _reference(param, grad, state, step, h: Hyper, *, coupled: bool) -> dict:
 
 # Per-tensor float32 coefficients of the Adam-family kernels (AdamP's too), one column each.
 (A_SIGN, A_L2_ON, A_L2, A_DECAY, A_B1, A_C1, A_B2, A_C2, A_SBC2, A_EPS, A_STEP,
- A_NESTEROV) = range(12)
-A_COLUMNS = 12
+ A_NESTEROV, A_AMSGRAD) = range(13)
+A_COLUMNS = 13
 
 
 def bias_corrections(h: Hyper, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,10 +133,12 @@ def cpu_direction(g, m, v, sbc2, eps, nesterov, b1, c1):
 
 
 @inline
-def adam_span(p, g, m, v, cf, sums, k):
+def adam_span(p, g, m, v, vmax, cf, sums, k):
     """The Adam update of one span, with the coefficient row cf (A_ columns):
         g ← ±g (+ λθ for coupled L2);  m, v ← moments(g);  θ ← θ·decay − (lr/bc1)·u
-    Adds the span's step sums to sums[k] (if sums is not None)."""
+    with u from v, or under AMSGrad (vmax not None: the span's max_exp_avg_sq) from
+    vmax ← max(vmax, v). Adds the span's step sums to sums[k] (if sums is not None).
+    numba compiles the two versions apart, so the plain loop has no AMSGrad branch."""
     sign, l2_on, l2, decay = cf[A_SIGN], cf[A_L2_ON] != 0, cf[A_L2], cf[A_DECAY]
     b1, c1, b2, c2 = cf[A_B1], cf[A_C1], cf[A_B2], cf[A_C2]
     sbc2, eps, step, nesterov = cf[A_SBC2], cf[A_EPS], cf[A_STEP], cf[A_NESTEROV] != 0
@@ -135,6 +150,12 @@ def adam_span(p, g, m, v, cf, sums, k):
             gj = gj + l2 * pj
         mj, vj = cpu_moments(gj, m[j], v[j], c1, b2, c2)
         m[j], v[j] = mj, vj
+        if vmax is not None:   # max that keeps a NaN, as torch.maximum
+            xj = vmax[j]
+            if vj > xj or vj != vj:
+                xj = vj
+            vmax[j] = xj
+            vj = xj
         new = pj * decay - step * cpu_direction(gj, mj, vj, sbc2, eps, nesterov, b1, c1)
         p[j] = new
         if sums is not None:
@@ -144,10 +165,10 @@ def adam_span(p, g, m, v, cf, sums, k):
 
 
 @kernel
-def _adam_kernel(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, p_off, m_off, v_off,
-                 sums):
-    """adam_span over every span of every tile; sums[k] = the tile's step sums (sums None:
-    none computed)."""
+def _adam_kernel(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                 p_off, m_off, v_off, x_off, sums):
+    """adam_span over every span of every tile (with max_exp_avg_sq where the tensor's
+    group has amsgrad); sums[k] = the tile's step sums (sums None: none computed)."""
     for k in prange(tiles.shape[0]):
         tile = tiles[k]
         t = tile[TENSOR]
@@ -157,8 +178,21 @@ def _adam_kernel(tiles, rows, cols, coef, param, grad, exp_avg, exp_avg_sq, p_of
         for x in range(count):
             s, _ = span(tile, rows[t], cols[t], x)
             po, mo, vo = p_off[t] + s, m_off[t] + s, v_off[t] + s
-            adam_span(param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n],
-                      exp_avg_sq[vo:vo + n], coef[t], sums, k)
+            if coef[t, A_AMSGRAD] != 0:
+                xo = x_off[t] + s
+                adam_span(param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n],
+                          exp_avg_sq[vo:vo + n], max_exp_avg_sq[xo:xo + n], coef[t], sums, k)
+            else:
+                adam_span(param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n],
+                          exp_avg_sq[vo:vo + n], None, coef[t], sums, k)
+
+
+def amsgrad_tensors(h: Hyper, active: np.ndarray, x_off: np.ndarray) -> np.ndarray:
+    """Which tensors step with AMSGrad; every active one of them must have a
+    max_exp_avg_sq (the job's layout follows its groups' amsgrad, fixed at registration)."""
+    if (h.amsgrad & active & (x_off < 0)).any():
+        raise ValueError("amsgrad is set for a tensor without a max_exp_avg_sq buffer")
+    return h.amsgrad & (x_off >= 0)
 
 
 def _cpu(call: StepCall, *, coupled: bool) -> None:
@@ -172,10 +206,12 @@ def _cpu(call: StepCall, *, coupled: bool) -> None:
     plan = cpu_tiles.plan(layout, View.FLAT)
     m, m_off = field(layout, state, "exp_avg")
     v, v_off = field(layout, state, "exp_avg_sq")
+    vmax, x_off = field(layout, state, "max_exp_avg_sq")
+    coef[:, A_AMSGRAD] = amsgrad_tensors(h, call.active, x_off)
     tiles = plan.select(call.active)
     sums = tile_sums(tiles, call.sums)
     _adam_kernel(tiles, plan.rows, plan.cols, coef.astype(F32), state.param, call.grad,
-                 m, v, layout.offsets, m_off, v_off, sums)
+                 m, v, vmax, layout.offsets, m_off, v_off, x_off, sums)
     if sums is not None:
         call.result.sums.add_tiles(tiles[:, TENSOR], sums)
 
@@ -196,8 +232,10 @@ def _cuda(call: StepCall, cs, *, coupled: bool) -> None:
         cf.decay = h.decay_factors(call.active)
     cf.c1, cf.b2, cf.c2, cf.eps = 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps
     cf.sbc2, cf.step = bias_corrections(h, call.steps)
+    cf.amsgrad = amsgrad_tensors(h, call.active, cs.plan.tinfo["vm"])
     cs.launch("adam_apply", cs.n_tiles, cs.tiles, cs.tinfo, cs.upload(cf), cs.param, cs.grad,
-              cs.gkind, cs.field("exp_avg"), cs.field("exp_avg_sq"), cs.tile_sums, cs.with_sums)
+              cs.gkind, cs.field("exp_avg"), cs.field("exp_avg_sq"), cs.field("max_exp_avg_sq"),
+              cs.tile_sums, cs.with_sums)
 
 
 def _record(name: str, coupled: bool) -> Kernel:

@@ -144,7 +144,7 @@ def _adamp_moments(tiles, rows, cols, coef, mode, row_base, pnorm, param, grad, 
                 s, _ = span(tile, rows[t], cols[t], x)
                 po, mo, vo = p_off[t] + s, m_off[t] + s, v_off[t] + s
                 adam.adam_span(param[po:po + n], grad[po:po + n], exp_avg[mo:mo + n],
-                               exp_avg_sq[vo:vo + n], cf, sums, k)
+                               exp_avg_sq[vo:vo + n], None, cf, sums, k)
             continue
         c1, b2, c2, b1 = cf[A_C1], cf[A_B2], cf[A_C2], cf[A_B1]
         sbc2, eps, nesterov = cf[A_SBC2], cf[A_EPS], cf[A_NESTEROV] != 0

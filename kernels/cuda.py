@@ -145,6 +145,7 @@ def _build_plan(layout: FlatLayout, view: View) -> Plan:
         ti.B, ti.R, ti.C, ti.n, ti.p = b, r, c, n, layout.offsets[t]
         ti.m = layout.fields.get("exp_avg", missing)[t]
         ti.v = layout.fields.get("exp_avg_sq", missing)[t]
+        ti.vm = layout.fields.get("max_exp_avg_sq", missing)[t]
         ti.ndim, ti.kc, ti.kr, ti.tile0 = len(shape), kc, kr, n_tiles
         if view is View.FACTORED and has_rows:
             ti.row = layout.fields["exp_avg_sq_row"][t]

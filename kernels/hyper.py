@@ -52,6 +52,7 @@ class Hyper:
     weight_decay_mode: npt.NDArray[np.int64]
     initial_lr: F64
     maximize: Flags
+    amsgrad: Flags
     delta: F64
     wd_ratio: F64
     nesterov: Flags

@@ -9,8 +9,10 @@ from optserve.kernels.adam import ADAM, ADAMW
 from optserve.kernels.adamp import ADAMP
 from optserve.kernels.backend import Kernel
 from optserve.kernels.lion import LION
+from optserve.kernels.torch_adafactor import TORCH_ADAFACTOR
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (ADAMW, ADAM, ADAMP, ADAFACTOR, LION)}
+KERNELS: dict[str, Kernel] = {k.name: k for k in (ADAMW, ADAM, ADAMP, ADAFACTOR, TORCH_ADAFACTOR,
+                                                  LION)}
 
 
 def get(name: str) -> Kernel:

@@ -33,6 +33,8 @@ RECIPES = {
     "adam": dict(lr=3e-3, weight_decay=1e-4),
     "adamp": dict(lr=3e-3, weight_decay=0.05),
     "adafactor": dict(lr=3e-3, relative_step=False, scale_parameter=False, weight_decay=0.0),
+    # torch.optim.Adafactor's own rule: its update is relative to the weights' RMS, hence the lr
+    "torch_adafactor": dict(lr=1e-2, weight_decay=0.0),
     # Lion: a smaller lr and a larger decay than AdamW's, as Chen et al. (2023) advise
     "lion": dict(lr=1e-3, weight_decay=0.15),
 }

@@ -6,7 +6,7 @@ It has no heavy dependencies (no torch, no numba).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from optserve.proto.errors import InvalidArgument
@@ -23,8 +23,11 @@ _TORCH_ADAM_KEYS = dict(amsgrad=False, maximize=False, foreach=None, capturable=
                         differentiable=False, fused=None)
 
 
-def _adam_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]:
-    return {"exp_avg": shape, "exp_avg_sq": shape}
+def _adam_state(shape: Shape, hyper: pb.Hyperparameters | None) -> dict[str, Shape]:
+    fields = {"exp_avg": shape, "exp_avg_sq": shape}
+    if hyper is not None and hyper.amsgrad:   # torch's AMSGrad keeps the running max of v
+        fields["max_exp_avg_sq"] = shape
+    return fields
 
 
 def _momentum_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]:
@@ -43,13 +46,40 @@ def adafactor_state(shape: Shape, hyper: pb.Hyperparameters) -> dict[str, Shape]
     return fields
 
 
-def _adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
+def torch_adafactor_state(shape: Shape, hyper: pb.Hyperparameters | None) -> dict[str, Shape]:
+    """torch.optim.Adafactor's row_var / col_var / variance, kept flat under the names of
+    the same quantities in transformers' Adafactor (its `peer_state` maps them back)."""
+    if len(shape) >= 2:
+        return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+    return {"exp_avg_sq": shape}
+
+
+def _check_decoupled(group: Mapping[str, Any], decoupled: bool) -> None:
+    """torch.optim.Adam's decoupled_weight_decay switch picks the optimizer: a group may not
+    say otherwise than the job's optimizer does."""
+    if bool(group.get("decoupled_weight_decay", decoupled)) != decoupled:
+        raise ValueError(f"decoupled_weight_decay={not decoupled} in a group of an "
+                         f"{'adamw' if decoupled else 'adam'} job: the whole job is "
+                         f"{'decoupled (AdamW)' if decoupled else 'coupled L2 (Adam)'}")
+
+
+def _adam_moments_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
     h.lr = float(group["lr"])
     h.beta1, h.beta2 = (float(b) for b in group["betas"])
     h.eps = float(group["eps"])
     h.weight_decay = float(group["weight_decay"])
+
+
+def _torch_adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters, *,
+                         decoupled: bool) -> None:
+    _check_decoupled(group, decoupled)
+    _adam_moments_to_proto(group, h)
     h.maximize = bool(group.get("maximize", False))
     h.amsgrad = bool(group.get("amsgrad", False))
+
+
+def _adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
+    _torch_adam_to_proto(group, h, decoupled=False)
 
 
 def _decay_mode_to_proto(mode: str, h: pb.Hyperparameters) -> None:
@@ -59,7 +89,7 @@ def _decay_mode_to_proto(mode: str, h: pb.Hyperparameters) -> None:
 
 
 def _adamw_to_proto(group, h):
-    _adam_to_proto(group, h)
+    _torch_adam_to_proto(group, h, decoupled=True)
     _decay_mode_to_proto(group.get("weight_decay_mode", "lr"), h)
 
 
@@ -78,7 +108,9 @@ def _lion_to_proto(group, h):
 
 
 def _adamp_to_proto(group, h):
-    _adam_to_proto(group, h)
+    _adam_moments_to_proto(group, h)
+    h.maximize = bool(group.get("maximize", False))   # refused: a group may not ask for them
+    h.amsgrad = bool(group.get("amsgrad", False))
     h.delta = float(group["delta"])
     h.wd_ratio = float(group["wd_ratio"])
     h.nesterov = bool(group["nesterov"])
@@ -97,6 +129,23 @@ def _adafactor_to_proto(group, h):
     h.scale_parameter = bool(group["scale_parameter"])
     h.relative_step = bool(group["relative_step"])
     h.warmup_init = bool(group["warmup_init"])
+    h.maximize = bool(group.get("maximize", False))   # refused, as a group may not ask for it
+
+
+# torch.optim.Adafactor's eps1 = None: the machine epsilon of the parameter's dtype, float32
+# for every tensor a shard keeps (torch.finfo(torch.float32).eps).
+FLOAT32_EPS = 2.0 ** -23
+
+
+def _torch_adafactor_to_proto(group, h):
+    h.lr = float(group["lr"])
+    h.decay_rate = float(group["beta2_decay"])
+    eps1, eps2 = group["eps"]
+    h.eps = FLOAT32_EPS if eps1 is None else float(eps1)
+    h.eps2 = float(eps2)
+    h.clip_threshold = float(group["d"])
+    h.weight_decay = float(group["weight_decay"])
+    h.maximize = bool(group.get("maximize", False))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -125,7 +174,6 @@ def _validate_adam(h: pb.Hyperparameters) -> None:
     _check(0 <= h.beta1 < 1 and 0 <= h.beta2 < 1, f"betas must be in [0, 1), got ({h.beta1}, {h.beta2})")
     _check(h.eps >= 0, f"eps must be >= 0, got {h.eps}")
     _check(h.weight_decay >= 0, f"weight_decay must be >= 0, got {h.weight_decay}")
-    _check(not h.amsgrad, "amsgrad is not supported by optserve v1")
     # the step size lr/(1 − β1^t) is largest at t = 1
     _fits_float32("lr / (1 - beta1)", h.lr / (1.0 - h.beta1))
 
@@ -146,7 +194,12 @@ def _validate_adamw(h):
     _validate_decay_mode(h)
 
 
+def _no_amsgrad(name: str, h: pb.Hyperparameters) -> None:
+    _check(not h.amsgrad, f"{name} has no amsgrad")
+
+
 def _validate_lion(h):
+    _no_amsgrad("lion", h)
     _finite(h, "lr", "beta1", "beta2", "weight_decay")
     _check(h.lr >= 0, f"lr must be >= 0, got {h.lr}")
     _check(0 <= h.beta1 <= 1 and 0 <= h.beta2 <= 1, f"betas must be in [0, 1], got ({h.beta1}, {h.beta2})")
@@ -156,6 +209,8 @@ def _validate_lion(h):
 
 def _validate_adamp(h):
     _validate_adam(h)
+    _no_amsgrad("adamp", h)
+    _check(not h.maximize, "adamp has no maximize (adamp.AdamP has none)")
     _finite(h, "delta", "wd_ratio")
     _check(h.delta > 0, f"delta must be > 0, got {h.delta}")
     _check(0 <= h.wd_ratio <= 1, f"wd_ratio must be in [0, 1], got {h.wd_ratio}")
@@ -164,6 +219,9 @@ def _validate_adamp(h):
 
 def _validate_adafactor(h):
     _finite(h, "lr", "eps", "eps2", "clip_threshold", "decay_rate", "weight_decay")
+    _check(not h.maximize, "adafactor has no maximize (transformers' Adafactor has none; "
+                           "torch.optim.Adafactor's is 'torch_adafactor')")
+    _no_amsgrad("adafactor", h)
     _check(h.relative_step or h.lr >= 0, f"adafactor needs lr >= 0, got {h.lr}")
     _check(not (h.relative_step and h.lr != 0),
            "adafactor cannot combine a manual lr with relative_step=True")
@@ -179,6 +237,20 @@ def _validate_adafactor(h):
     _fits_float32("weight_decay times the step size", h.weight_decay * alpha)
 
 
+def _validate_torch_adafactor(h):
+    """torch.optim.Adafactor's own checks (lr >= 0, beta2_decay <= 0, eps >= 0, d >= 1,
+    weight_decay >= 0), and float32 room for what the kernels form: ε1², 1 − lr·λ."""
+    _no_amsgrad("torch_adafactor", h)
+    _finite(h, "lr", "eps", "eps2", "clip_threshold", "decay_rate", "weight_decay")
+    _check(h.lr >= 0, f"lr must be >= 0, got {h.lr}")
+    _check(h.decay_rate <= 0, f"beta2_decay must be <= 0, got {h.decay_rate}")
+    _check(h.eps >= 0 and h.eps2 >= 0, f"eps must be >= 0, got ({h.eps}, {h.eps2})")
+    _check(h.clip_threshold >= 1, f"d must be >= 1, got {h.clip_threshold}")
+    _check(h.weight_decay >= 0, f"weight_decay must be >= 0, got {h.weight_decay}")
+    _fits_float32("eps[0] squared", h.eps * h.eps)
+    _fits_float32("lr * weight_decay", h.lr * h.weight_decay)
+
+
 def _group_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> float:
     """lr₀ of a group: the `initial_lr` a scheduler recorded, else its lr."""
     return group.get("initial_lr", group["lr"]) or 0.0
@@ -187,6 +259,30 @@ def _group_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
 def _lion_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> float:
     """lion-pytorch's decoupled decay divides λ by the optimizer's own lr, for every group."""
     return defaults["lr"] if group.get("decoupled_weight_decay") else _group_initial_lr(group, defaults)
+
+
+def _no_layout_options(h: pb.Hyperparameters) -> tuple:
+    return ()
+
+
+def _amsgrad_option(h: pb.Hyperparameters) -> tuple:
+    return (("amsgrad", h.amsgrad),)
+
+
+def _beta1_option(h: pb.Hyperparameters) -> tuple:
+    return (("beta1", "set" if h.HasField("adafactor_beta1") else "None"),)
+
+
+def _keepdim_row(shape: Shape) -> Shape:
+    return shape[:-1] + (1,)
+
+
+def _keepdim_col(shape: Shape) -> Shape:
+    return shape[:-2] + (1,) + shape[-1:]
+
+
+def _same_shape(shape: Shape) -> Shape:
+    return shape
 
 
 @dataclass(frozen=True)
@@ -205,6 +301,20 @@ class OptimizerInfo:
     step_is_tensor: bool
     # lr₀ of a group (weight_decay_mode="schedule"), from the group and the optimizer's defaults.
     initial_lr: Callable[[Mapping[str, Any], Mapping[str, Any]], float] = _group_initial_lr
+    # The options of a group that decide which state fields its tensors keep, as (name,
+    # value) pairs: fixed when the job is registered (a step may not change them).
+    layout_options: Callable[[pb.Hyperparameters], tuple] = _no_layout_options
+    # The peer's own name and shape (from the parameter's shape) of a state field, where
+    # its state dict differs from the shard's flat fields; state dicts use the peer's.
+    peer_state: Mapping[str, tuple[str, Callable[[Shape], Shape]]] = field(default_factory=dict)
+
+    def peer_field(self, name: str, param_shape: Shape) -> tuple[str, Shape | None]:
+        """(the peer's name of state field `name`, its shape in the peer's state dict, or
+        None where it is the shard's own)."""
+        if name in self.peer_state:
+            peer_name, shape = self.peer_state[name]
+            return peer_name, shape(tuple(param_shape))
+        return name, None
 
 
 REGISTRY: dict[str, OptimizerInfo] = {
@@ -212,12 +322,12 @@ REGISTRY: dict[str, OptimizerInfo] = {
         "adamw",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, weight_decay_mode="lr",
              decoupled_weight_decay=True, **_TORCH_ADAM_KEYS),
-        _adamw_to_proto, _validate_adamw, _adam_state, True),
+        _adamw_to_proto, _validate_adamw, _adam_state, True, layout_options=_amsgrad_option),
     "adam": OptimizerInfo(  # oracle: torch.optim.Adam
         "adam",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
              decoupled_weight_decay=False, **_TORCH_ADAM_KEYS),
-        _adam_to_proto, _validate_adam, _adam_state, True),
+        _adam_to_proto, _validate_adam, _adam_state, True, layout_options=_amsgrad_option),
     "adamp": OptimizerInfo(  # oracle: adamp.AdamP 0.3.0
         "adamp",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
@@ -227,7 +337,16 @@ REGISTRY: dict[str, OptimizerInfo] = {
         "adafactor",
         dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
              weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False),
-        _adafactor_to_proto, _validate_adafactor, adafactor_state, False),
+        _adafactor_to_proto, _validate_adafactor, adafactor_state, False,
+        layout_options=_beta1_option),
+    "torch_adafactor": OptimizerInfo(  # oracle: torch.optim.Adafactor
+        "torch_adafactor",
+        dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+             foreach=None, maximize=False),
+        _torch_adafactor_to_proto, _validate_torch_adafactor, torch_adafactor_state, True,
+        peer_state={"exp_avg_sq_row": ("row_var", _keepdim_row),
+                    "exp_avg_sq_col": ("col_var", _keepdim_col),
+                    "exp_avg_sq": ("variance", _same_shape)}),
     "lion": OptimizerInfo(  # oracle: lion_pytorch.Lion
         "lion",
         dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, weight_decay_mode="lr",
@@ -254,3 +373,88 @@ def group_to_proto(optimizer: str, group: Mapping[str, Any], initial_lr: float) 
     h.initial_lr = float(initial_lr)
     info.validate(h)
     return h
+
+
+# ---- the peers' own classes ----------------------------------------------------------------
+
+# Keyword arguments of torch's optimizers that choose an implementation (a for-loop, foreach,
+# fused or graph-capturable kernel, autograd through the step) and change nothing in the
+# result: accepted and ignored.
+TORCH_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+@dataclass(frozen=True)
+class PeerClass:
+    """An optimizer class that RemoteOptimizer takes in place of a registry name: its own
+    keyword arguments, with its own defaults (its signature's; tests/test_registry.py
+    reads them off the class), and the registry entry that runs it. Matched by its
+    package and qualified name, so that neither side imports the peer's package."""
+    path: str                        # where it is imported from, e.g. "torch.optim.AdamW"
+    defaults: Mapping[str, Any]
+    optimizer: str
+    switches: frozenset[str] = frozenset()   # implementation switches, accepted and ignored
+    # The registry entry when an argument picks another one: (argument, value, entry).
+    variant: tuple[str, Any, str] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        package, _, qualname = self.path.rpartition(".")
+        return package.partition(".")[0], qualname
+
+    def resolve(self, kwargs: Mapping[str, Any]) -> tuple["OptimizerInfo", dict[str, Any]]:
+        """(the registry entry, the param-group defaults) for these keyword arguments, as
+        the class would take them; an argument the class does not have is refused by name."""
+        unknown = sorted(set(kwargs) - set(self.defaults))
+        if unknown:
+            ours = [k for k in unknown if k in REGISTRY[self.optimizer].defaults]
+            hint = (f" ({', '.join(map(repr, ours))} {'is' if len(ours) == 1 else 'are'} "
+                    f"optserve's own: pass optimizer={self.optimizer!r} to use "
+                    f"{'it' if len(ours) == 1 else 'them'})") if ours else ""
+            raise TypeError(f"{self.path} got unexpected keyword argument"
+                            f"{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}{hint}")
+        name = self.optimizer
+        if self.variant is not None:
+            arg, value, other = self.variant
+            if kwargs.get(arg, self.defaults[arg]) == value:
+                name = other
+        info = REGISTRY[name]
+        return info, {**info.defaults, **self.defaults}
+
+
+_TORCH_ADAM_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, maximize=False,
+                        foreach=None, capturable=False, differentiable=False, fused=None)
+
+PEERS: dict[tuple[str, str], PeerClass] = {p.key: p for p in (
+    PeerClass("torch.optim.AdamW", dict(_TORCH_ADAM_ARGS, weight_decay=1e-2), "adamw",
+              TORCH_SWITCHES),
+    # Adam(decoupled_weight_decay=True) is AdamW (with Adam's default weight_decay, 0)
+    PeerClass("torch.optim.Adam", dict(_TORCH_ADAM_ARGS, weight_decay=0.0,
+                                       decoupled_weight_decay=False), "adam", TORCH_SWITCHES,
+              variant=("decoupled_weight_decay", True, "adamw")),
+    PeerClass("torch.optim.Adafactor", dict(REGISTRY["torch_adafactor"].defaults),
+              "torch_adafactor", frozenset({"foreach"})),
+    PeerClass("transformers.optimization.Adafactor", dict(REGISTRY["adafactor"].defaults),
+              "adafactor"),
+    PeerClass("adamp.AdamP", dict(REGISTRY["adamp"].defaults), "adamp"),
+    # use_triton picks lion-pytorch's Triton kernel for CUDA tensors: the same update
+    PeerClass("lion_pytorch.Lion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                                        use_triton=False, decoupled_weight_decay=False),
+              "lion", frozenset({"use_triton"})),
+)}
+
+
+def peer_class(cls: Any) -> PeerClass:
+    """The PeerClass of an optimizer class, from its package and qualified name; anything
+    else is refused (TypeError), naming what is taken."""
+    taken = ", ".join(sorted(p.path for p in PEERS.values()))
+    if not isinstance(cls, type):
+        raise TypeError(f"optimizer must be a registry name ({', '.join(sorted(REGISTRY))}) or "
+                        f"an optimizer class ({taken}), not {type(cls).__name__} "
+                        f"{cls!r:.80}" + (" (pass the class, not an instance)"
+                                          if hasattr(cls, "param_groups") else ""))
+    key = (getattr(cls, "__module__", "").partition(".")[0], cls.__qualname__)
+    if key not in PEERS:
+        raise TypeError(f"optserve does not run {cls.__module__}.{cls.__qualname__}; it runs "
+                        f"{taken} (or a registry name: {', '.join(sorted(REGISTRY))})")
+    return PEERS[key]

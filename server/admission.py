@@ -208,9 +208,13 @@ class Admission:
             h.CopyFrom(sent)
             h.initial_lr = reg.initial_lr
             job.info.validate(h)
-            if h.HasField("adafactor_beta1") != reg.HasField("adafactor_beta1"):
-                raise InvalidArgument(f"job {job.name!r}: group {g} cannot switch Adafactor's "
-                                      "beta1 between None and a value after registration")
+            sent_options, registered = job.info.layout_options(h), job.info.layout_options(reg)
+            if sent_options != registered:   # they decide the state the job keeps
+                changed = ", ".join(f"{name} from {was} to {now}" for (name, was), (_, now)
+                                    in zip(registered, sent_options) if was != now)
+                raise InvalidArgument(f"job {job.name!r}: group {g} cannot change {changed} "
+                                      "after registration (it decides the optimizer state "
+                                      "the job keeps)")
             out.append(h)
         return out
 

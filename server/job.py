@@ -319,7 +319,7 @@ class Job:
             tensor = self.spec.tensors[t].name
             if not np.isfinite(arr).all():
                 raise InvalidArgument(f"non-finite optimizer state {name!r} for tensor {tensor!r}")
-            if name.startswith("exp_avg_sq") and (arr < 0).any():
+            if (name.startswith("exp_avg_sq") or name == "max_exp_avg_sq") and (arr < 0).any():
                 raise InvalidArgument(f"negative second moment {name!r} for tensor {tensor!r}")
         with self.cond:
             self.stepper.wait_idle()

@@ -138,7 +138,9 @@ def test_host_reads_the_layouts_the_kernels_use():
     assert (cuda.BLOCK, cuda.WARPS, cuda.TR, cuda.TC) == (256, 8, 64, 128)
     assert struct_dtype("StepSums").names == ("w2", "wdw", "dw2", "g2")
     assert struct_dtype("TileRec").itemsize == 6 * 8
-    assert all(struct_dtype(s)[0] == np.float64 for s in ("AdamCoef", "AdampCoef", "AdafactorCoef"))
+    assert all(struct_dtype(s)[0] == np.float64
+               for s in ("AdamCoef", "AdampCoef", "AdafactorCoef", "TorchAdafactorCoef"))
+    assert "vm" in struct_dtype("TensorRec").names   # AMSGrad's max_exp_avg_sq
 
 
 def test_assembled_source_includes_each_header_once():

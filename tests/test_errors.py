@@ -138,6 +138,16 @@ def test_bad_hyperparameter(job):
             grpc.StatusCode.INVALID_ARGUMENT, "lr must be finite")
 
 
+def test_a_step_may_not_change_what_state_the_job_keeps(job):
+    """amsgrad decides whether a tensor keeps max_exp_avg_sq: a step may not switch it."""
+    opt, stub = job
+    header = step_header(opt)
+    header.groups[0].amsgrad = True
+    refused(stub, lambda: send_step(stub, header, grad_bytes(opt)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "group 0 cannot change amsgrad from False to True after registration")
+
+
 def test_header_not_first(job):
     opt, stub = job
     msgs = [pb.StepRequest(chunk=pb.Chunk(offset=0, data=b"x"))]

@@ -61,6 +61,11 @@ CASES = {
     "adamw-maximize": Case("adamw", ({"maximize": True, "weight_decay": 0.1}, {"maximize": False})),
     "adam-l2": Case("adam", ({"weight_decay": 0.1}, {"weight_decay": 0.0, "lr": 1e-2})),
     "adam-maximize": Case("adam", ({"maximize": True, "weight_decay": 0.01}, {"betas": (0.5, 0.9)})),
+    # AMSGrad in one group only: tensors with and without a max_exp_avg_sq in one job
+    "adamw-amsgrad": Case("adamw", ({"amsgrad": True, "weight_decay": 0.1},
+                                    {"maximize": True, "lr": 1e-2})),
+    "adam-amsgrad-maximize": Case("adam", ({"amsgrad": True, "maximize": True, "weight_decay": 0.01},
+                                           {"amsgrad": True, "lr": 1e-2, "betas": (0.5, 0.9)})),
     "adamp-random": Case("adamp", ({"nesterov": False}, {"nesterov": True, "weight_decay": 0.1})),
     "adamp-orthogonal": Case("adamp", ({"nesterov": False}, {"nesterov": True}), "orthogonal",
                              expect_projected=True),
@@ -80,6 +85,13 @@ CASES = {
     "adafactor-weight-decay": Case("adafactor", ({"weight_decay": 0.1},
                                                  {"weight_decay": 0.01, "beta1": 0.5, "lr": 1e-2,
                                                   "relative_step": False, "decay_rate": -0.5})),
+    "torch-adafactor-defaults": Case("torch_adafactor", ({}, {"lr": 3e-3})),
+    "torch-adafactor-wd-maximize": Case("torch_adafactor", ({"weight_decay": 0.1, "maximize": True},
+                                                            {"weight_decay": 0.01, "d": 2.0,
+                                                             "beta2_decay": -0.5})),
+    # ε1 large enough that max(mean(R), ε1) and max(V, ε1²) bite on the small gradients
+    "torch-adafactor-eps": Case("torch_adafactor", ({"eps": (0.05, 1e-3)},
+                                                    {"eps": (1e-20, 0.1), "lr": 0.1})),
     "lion-lr": Case("lion", ({"weight_decay": 0.1, "lr": 1e-3}, {"weight_decay": 0.0, "betas": (0.95, 0.98)})),
     "lion-schedule-maximize": Case("lion", ({"weight_decay_mode": "schedule", "weight_decay": 0.5,
                                              "maximize": True},
@@ -266,7 +278,8 @@ def test_backend_matches_reference(backend, case_name):
     run_parity(backend, case_name)
 
 
-@pytest.mark.parametrize("case_name", ["adamw-lr", "adamp-orthogonal", "adafactor-beta1", "lion-lr"])
+@pytest.mark.parametrize("case_name", ["adamw-lr", "adamw-amsgrad", "adamp-orthogonal",
+                                       "adafactor-beta1", "torch-adafactor-wd-maximize", "lion-lr"])
 def test_cuda_device_resident_state(cuda_backend, case_name):
     """State kept as device arrays (what a shard would hold) steps the same."""
     run_parity(cuda_backend, case_name, device_state=True, steps=3)
@@ -274,7 +287,7 @@ def test_cuda_device_resident_state(cuda_backend, case_name):
 
 @pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case_name", ["adamw-maximize", "adamp-random", "adafactor-defaults",
-                                       "lion-schedule-maximize"])
+                                       "torch-adafactor-eps", "lion-schedule-maximize"])
 def test_cuda_16bit_gradients(cuda_backend, case_name, grad_dtype):
     """bf16 bits / fp16 gradients are widened exactly: the same result as their float32 values."""
     run_parity(cuda_backend, case_name, grad_dtype=grad_dtype, steps=2)

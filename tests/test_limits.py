@@ -194,7 +194,10 @@ OVERFLOWS = [("adamw", "lr", 1e39), ("adamw", "eps", 1e39), ("adamw", "weight_de
              ("lion", "betas", (1e39, 0.99)), ("lion", "weight_decay", 1e39),
              ("adafactor", "lr", 1e39), ("adafactor", "eps", (1e39, 1e-3)),
              ("adafactor", "eps", (1e-30, 1e39)), ("adafactor", "clip_threshold", 1e39),
-             ("adafactor", "decay_rate", -1e39), ("adafactor", "weight_decay", 1e39)]
+             ("adafactor", "decay_rate", -1e39), ("adafactor", "weight_decay", 1e39),
+             ("torch_adafactor", "lr", 1e39), ("torch_adafactor", "eps", (1e20, 1e-3)),
+             ("torch_adafactor", "eps", (None, 1e39)), ("torch_adafactor", "d", 1e39),
+             ("torch_adafactor", "beta2_decay", -1e39), ("torch_adafactor", "weight_decay", 1e39)]
 
 
 @pytest.mark.parametrize("optimizer,key,value", OVERFLOWS)
@@ -249,21 +252,21 @@ def test_a_long_unknown_job_name_is_quoted_only_in_part(held):
 
 def test_at_the_tensor_limit_the_largest_headers_fit_in_a_message():
     """The default limit, from the headers' encoding: a StateHeader of that many tensors of
-    the largest state (Adafactor with momentum, MAX_DIMS dims of int64's widest), and a
-    StepHeader with as many parameter groups, every number at its widest, fit in half of a
-    message (and the state's hardly fits in less)."""
+    the largest state (AMSGrad's exp_avg, exp_avg_sq and max_exp_avg_sq, MAX_DIMS dims of
+    int64's widest each; Adafactor with momentum has two of its three entries one dim
+    shorter), and a StepHeader with as many parameter groups, every number at its widest,
+    fit in half of a message (and the state's hardly fits in less)."""
     n = Limits().max_tensors
     group = pb.Hyperparameters(adafactor_beta1=1, weight_decay_mode=pb.WEIGHT_DECAY_FIXED)
     for f in group.DESCRIPTOR.fields:
         if f.type in (f.TYPE_DOUBLE, f.TYPE_BOOL):
             setattr(group, f.name, 1)
     shape = [2**63 - 1] * MAX_DIMS
-    state = pb.StateHeader(job="j" * MAX_NAME_BYTES, optimizer="adafactor", version=2**64 - 1,
+    state = pb.StateHeader(job="j" * MAX_NAME_BYTES, optimizer="adamw", version=2**64 - 1,
                            total_bytes=2**64 - 1, tensors=[2**32 - 1] * n, steps=[2**64 - 1] * n)
     for t in range(n):
-        for field, dims in (("exp_avg", shape), ("exp_avg_sq_row", shape[:-1]),
-                            ("exp_avg_sq_col", shape[:-1])):
-            state.entries.add(tensor=2**32 - 1, field=field, shape=dims, offset=2**64 - 1)
+        for field in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            state.entries.add(tensor=2**32 - 1, field=field, shape=shape, offset=2**64 - 1)
     steps = pb.StepHeader(job="j" * MAX_NAME_BYTES, worker=2**32 - 1, step=2**64 - 1,
                           tensors=[2**32 - 1] * n, groups=[group] * n, dtype=pb.FLOAT16,
                           version=2**64 - 1, session="s" * 64)

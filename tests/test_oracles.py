@@ -3,6 +3,10 @@ locally from the same seed, for 50 steps, for every optimizer and mode.
 
 The model has a conv layer, BatchNorm, linear layers with biases, two param groups (one
 without weight decay, with its own lr) and an LR scheduler wherever the optimizer takes one.
+Cases name the optimizer by its registry name, or by the oracle's own class
+(`RemoteOptimizer(groups, torch.optim.AdamW, amsgrad=True)`), which is then built with the
+very same arguments and groups: every option of every class, each pair of amsgrad, weight
+decay and maximize in some group.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import transformers.optimization as hf
 
 from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
-from optserve.proto.optimizers import REGISTRY
+from optserve.proto.optimizers import REGISTRY, peer_class
 
 STEPS = 50
 LR = 1e-2
@@ -64,7 +68,43 @@ def schedule_oracle_groups(model):
     return groups
 
 
-# name: (optimizer, remote hyperparameters, remote groups, oracle factory, scheduler)
+def class_groups(model, **second):
+    """Two groups: the weights take the constructor's arguments, the biases and BatchNorm
+    `second`'s (and half the lr)."""
+    groups = param_groups(model, 0.0)
+    del groups[0]["weight_decay"]
+    groups[1].update({"lr": LR / 2, **second})
+    return groups
+
+
+def same_class(cls, kwargs, second, scheduler=None):
+    """A case whose oracle is `cls` itself, with the same arguments and groups."""
+    return (cls, kwargs, lambda m: class_groups(m, **second),
+            lambda m: cls(class_groups(m, **second), **kwargs), scheduler)
+
+
+def complements(cls, options, lr, scheduler):
+    """Cases that cover every combination of `options` (name: its "on" value; off is the
+    class's plain value) between the two groups: each case takes a combination with the
+    first option on in the constructor (the weights' group) and its complement in the second
+    group, so that each option is on in the constructor in some case."""
+    names = list(options)
+    off = {"amsgrad": False, "maximize": False, "weight_decay": 0.0}
+    cases = {}
+    for bits in range(1, 2 ** len(names), 2):
+        first = {n: options[n] if bits >> i & 1 else off[n] for i, n in enumerate(names)}
+        second = {n: off[n] if bits >> i & 1 else options[n] for i, n in enumerate(names)}
+        label = "-".join(n for n in names if first[n] != off[n]) or "plain"
+        cases[f"{cls.__module__.split('.')[0]}.{cls.__name__}:{label}"] = same_class(
+            cls, dict(first, lr=lr), second, scheduler)
+    return cases
+
+
+ADAM_OPTIONS = dict(amsgrad=True, weight_decay=WD, maximize=True)
+ADAFACTOR_OPTIONS = dict(weight_decay=WD, maximize=True)
+
+# name: (optimizer (registry name or class), remote hyperparameters, remote groups,
+#        oracle factory, scheduler)
 CASES = {
     "adamw-lr": ("adamw", dict(lr=LR, weight_decay=WD),
                  lambda m: groups_lr(m, WD, named=True),
@@ -124,6 +164,27 @@ CASES = {
                        lambda m: decaying_groups(m),
                        lambda m: lion_pytorch.Lion(decaying_groups(m), lr=LR, betas=(0.95, 0.98),
                                                    decoupled_weight_decay=True), step_lr),
+    # ---- the classes themselves, with their own arguments and defaults ----
+    **complements(torch.optim.AdamW, ADAM_OPTIONS, LR, cosine),
+    **complements(torch.optim.Adam, ADAM_OPTIONS, LR, one_cycle),
+    "torch.AdamW:defaults": same_class(torch.optim.AdamW, {}, {}),   # lr 1e-3, λ 1e-2
+    # Adam(decoupled_weight_decay=True) is AdamW, with Adam's own default λ (0) in group 2
+    "torch.Adam:decoupled-amsgrad": same_class(
+        torch.optim.Adam, dict(lr=LR, weight_decay=WD, decoupled_weight_decay=True,
+                               amsgrad=True, foreach=True, fused=False), {"maximize": True}, step_lr),
+    **complements(torch.optim.Adafactor, ADAFACTOR_OPTIONS, 1e-2, None),
+    "torch.Adafactor:eps-d-beta2_decay-lr": same_class(
+        torch.optim.Adafactor, dict(lr=0.05, eps=(1e-3, 1e-2), d=1.5, beta2_decay=-0.6,
+                                    weight_decay=WD), {"eps": (None, 0.1), "d": 1.0}, cosine),
+    # foreach is torch's other implementation: the oracle runs it, optserve ignores it
+    "torch.Adafactor:defaults-foreach": same_class(torch.optim.Adafactor, dict(foreach=True),
+                                                   {"weight_decay": 0.5}, step_lr),
+    "adamp.AdamP:nesterov": same_class(adamp.AdamP, dict(lr=LR, weight_decay=WD, nesterov=True),
+                                       {"delta": 0.2}, cosine),
+    "transformers.Adafactor:beta1": same_class(hf.Adafactor, dict(beta1=0.9, weight_decay=0.01),
+                                               {"clip_threshold": 0.5, "lr": None}),
+    "lion_pytorch.Lion:weight_decay": same_class(lion_pytorch.Lion, dict(lr=1e-3, weight_decay=WD,
+                                                                      use_triton=False), {}, cosine),
 }
 
 
@@ -132,9 +193,32 @@ def minibatches(x, y):
     return lambda i: (x[(i % 4) * 8:(i % 4 + 1) * 8], y[(i % 4) * 8:(i % 4 + 1) * 8])
 
 
+def registry_name(optimizer, hyper) -> str:
+    if isinstance(optimizer, str):
+        return optimizer
+    return peer_class(optimizer).resolve(hyper)[0].name
+
+
 def test_every_registered_optimizer_has_a_case():
-    covered = {case[0] for case in CASES.values()}
+    covered = {registry_name(case[0], case[1]) for case in CASES.values()}
     assert covered == set(REGISTRY), f"optimizers without an oracle case: {set(REGISTRY) - covered}"
+
+
+def test_every_optimizer_class_has_a_case_and_every_option_pair_a_group():
+    """Each class is a case; for Adam and AdamW every combination of amsgrad, weight decay
+    and maximize, and for torch's Adafactor of weight decay and maximize, is some group's."""
+    classes = {case[0] for case in CASES.values() if not isinstance(case[0], str)}
+    assert classes == {torch.optim.AdamW, torch.optim.Adam, torch.optim.Adafactor, adamp.AdamP,
+                       hf.Adafactor, lion_pytorch.Lion}
+    for cls, options in [(torch.optim.AdamW, ADAM_OPTIONS), (torch.optim.Adam, ADAM_OPTIONS),
+                         (torch.optim.Adafactor, ADAFACTOR_OPTIONS)]:
+        seen = set()
+        for optimizer, hyper, remote_groups, _, _ in CASES.values():
+            if optimizer is cls:
+                for group in remote_groups(make_model()):
+                    merged = {**peer_class(cls).defaults, **hyper, **group}
+                    seen.add(tuple(bool(merged[n]) for n in options))
+        assert len(seen) == 2 ** len(options), (cls, seen)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -149,7 +233,8 @@ def test_matches_oracle(shard, case):
     train(theirs, ref, STEPS, batches, scheduler(ref) if scheduler else None)
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    if not isinstance(ref, torch.optim.Adafactor):  # same state names as the oracle
+    peer = peer_class(type(ref))
+    if opt.info.name in (peer.optimizer, peer.variant and peer.variant[2]):   # the same state
         ours_state, ref_state = opt.state_dict()["state"], ref.state_dict()["state"]
         assert ours_state.keys() == ref_state.keys()
         for k in ref_state:

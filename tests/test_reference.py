@@ -5,7 +5,8 @@ against an independent oracle, one tensor at a time, and the reference backend
 Oracles (docs/optimizers.md, "Oracles"):
 - torch.optim.AdamW / torch.optim.Adam (for-loop implementation, float32);
 - adamp.AdamP 0.3.0 (the normative AdamP code);
-- transformers.optimization.Adafactor (paper/fairseq semantics) and torch.optim.Adafactor;
+- transformers.optimization.Adafactor (paper/fairseq semantics) for `adafactor`, and
+  torch.optim.Adafactor, its own rule, for `torch_adafactor`;
 - lion_pytorch.Lion (the Lion paper's algorithm).
 
 Every test runs STEPS steps on a seeded float32 tensor with a fresh random gradient each step,
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from optserve.kernels import (DecayMode, FlatLayout, FlatState, Hyper, Report, adafactor, adam,
-                              adamp, lion)
+                              adamp, lion, torch_adafactor)
 from optserve.kernels import reference
 from optserve.kernels.registry import KERNELS
 from optserve.proto.optimizers import REGISTRY, group_to_proto
@@ -205,6 +206,58 @@ def test_adam_coupled_l2_matches_torch(case):
                  maximize=maximize)
         _close(p_r, p_t, f"param after step {t}")
         _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq"), t)
+
+
+AMSGRAD_CASES = [
+    # id, optimizer, shape, weight decay, maximize, schedule
+    ("adamw-2d", "adamw", (16, 24), 0.0, False, "constant"),
+    ("adamw-wd-4d", "adamw", (8, 4, 3, 3), 0.1, False, "cosine"),
+    ("adamw-maximize-1d", "adamw", (37,), 0.0, True, "step"),
+    ("adamw-wd-maximize-3d", "adamw", (6, 8, 10), 0.1, True, "constant"),
+    ("adam-2d", "adam", (16, 24), 0.0, False, "cosine"),
+    ("adam-l2-0d", "adam", (), 0.1, False, "constant"),
+    ("adam-maximize-24x1", "adam", (24, 1), 0.0, True, "constant"),
+    ("adam-l2-maximize-2d", "adam", (16, 24), 0.1, True, "step"),
+]
+
+
+def _shrinking_grad(rng, shape, t):
+    """A gradient whose scale falls by 10x over the run, so that v falls below its running
+    maximum and AMSGrad's max_exp_avg_sq decides the step."""
+    return np.asarray(_randn(rng, shape) * np.float32(10 ** (-(t - 1) / STEPS)), np.float32)
+
+
+@pytest.mark.parametrize("case", AMSGRAD_CASES, ids=[c[0] for c in AMSGRAD_CASES])
+def test_amsgrad_matches_torch(case):
+    """amsgrad=True: max_exp_avg_sq ← max(max_exp_avg_sq, v) and the denominator from it,
+    against torch.optim.AdamW / Adam with amsgrad=True (parameter and all three buffers)."""
+    _, optimizer, shape, wd, maximize, sched = case
+    rng = _rng(2500 + AMSGRAD_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    lr0 = 1e-2
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt = cls([p_t], lr=lr0, betas=(0.9, 0.9), weight_decay=wd, maximize=maximize, amsgrad=True,
+              foreach=False)
+    st = {k: np.zeros(shape, np.float32) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    fn = adam.adamw if optimizer == "adamw" else adam.adam
+    for t in range(1, STEPS + 1):
+        lr_t = SCHEDULES[sched](lr0, t)
+        opt.param_groups[0]["lr"] = lr_t
+        g_r = _feed(p_t, _shrinking_grad(rng, shape, t))
+        opt.step()
+        fn(p_r, g_r, st, step=t, lr=lr_t, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=wd,
+           maximize=maximize, amsgrad=True)
+        _close(p_r, p_t, f"param after step {t}")
+        _compare_state(st, opt.state[p_t], ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), t)
+    # the maximum decided the last steps: without it, the run would have gone elsewhere
+    assert (st["max_exp_avg_sq"] > st["exp_avg_sq"]).all()
+    rng = _rng(2500 + AMSGRAD_CASES.index(case))
+    _, plain = _new_param(rng, shape)
+    st = {k: np.zeros(shape, np.float32) for k in ("exp_avg", "exp_avg_sq")}
+    for t in range(1, STEPS + 1):
+        fn(plain, _shrinking_grad(rng, shape, t), st, step=t, lr=SCHEDULES[sched](lr0, t),
+           beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=wd, maximize=maximize)
+    assert not np.allclose(plain, p_r, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- AdamP
@@ -418,6 +471,119 @@ def test_adafactor_matches_torch(shape_id):
         _close(p_r, p_t, f"param after step {t}", rtol=1e-4, atol=1e-5)
 
 
+# torch.optim.Adafactor's own rule (kernels/torch_adafactor.py), against torch itself.
+TORCH_ADAFACTOR_CONFIGS = {
+    # name: torch.optim.Adafactor kwargs (the reference gets them translated), gradient scale
+    "defaults": (dict(), 1.0),
+    "wd": (dict(weight_decay=0.1), 1.0),
+    "maximize": (dict(maximize=True), 1.0),
+    "wd-maximize": (dict(weight_decay=0.1, maximize=True), 1.0),
+    "lr-below-rho": (dict(lr=1e-3, weight_decay=0.5), 1.0),     # ρ = lr throughout
+    "lr-above-rho": (dict(lr=0.15), 1.0),                       # ρ = 1/√t from t = 45
+    "beta2_decay-0.5-d2": (dict(beta2_decay=-0.5, d=2.0), 1.0),
+    "beta2_decay-0-d1.2": (dict(beta2_decay=0.0, d=1.2), 1.0),  # w = 1: no averaging
+    "eps2-large": (dict(eps=(None, 3.0)), 1.0),                 # α from ε2, not RMS(θ)
+    # ε1 above the gradients: max(mean(R), ε1) and max(V, ε1²) decide
+    "eps1-clamps": (dict(eps=(0.02, 1e-3)), 1e-2),
+    "eps1-clamps-wd-maximize": (dict(eps=(0.05, 1e-3), weight_decay=0.1, maximize=True), 1e-2),
+    "eps1-tiny": (dict(eps=(1e-20, 1e-3)), 1e-2),                # ε1² a float32 subnormal
+}
+
+
+def _torch_adafactor_kwargs(kwargs: dict) -> dict:
+    """torch.optim.Adafactor's arguments as the reference takes them (ε1 None: float32's
+    machine epsilon, which is what the client sends)."""
+    eps1, eps2 = kwargs.get("eps", (None, 1e-3))
+    return dict(lr=kwargs.get("lr", 1e-2), beta2_decay=kwargs.get("beta2_decay", -0.8),
+                eps1=float(torch.finfo(torch.float32).eps) if eps1 is None else eps1,
+                eps2=eps2, d=kwargs.get("d", 1.0), weight_decay=kwargs.get("weight_decay", 0.0),
+                maximize=kwargs.get("maximize", False))
+
+
+TORCH_STATE_NAMES = {"exp_avg_sq_row": "row_var", "exp_avg_sq_col": "col_var",
+                     "exp_avg_sq": "variance"}
+
+
+def _run_torch_adafactor(config: str, shape, rng, oracle: bool = True):
+    """STEPS steps of the reference (and of torch.optim.Adafactor, compared after every
+    step); returns the reference's parameter."""
+    kwargs, scale = TORCH_ADAFACTOR_CONFIGS[config]
+    p_t, p_r = _new_param(rng, shape)
+    opt = torch.optim.Adafactor([p_t], foreach=False, **kwargs) if oracle else None
+    st = _adafactor_state(shape, None)
+    for t in range(1, STEPS + 1):
+        g = np.asarray(_randn(rng, shape) * np.float32(scale), np.float32)
+        if len(shape) >= 1 and shape[-1] > 1:
+            g[..., :1] = 0.0   # a column of exact zeros
+        g_r = _feed(p_t, g)
+        clip = torch_adafactor.torch_adafactor(p_r, g_r, st, step=t,
+                                               **_torch_adafactor_kwargs(kwargs))
+        assert clip >= 1.0
+        if opt is None:
+            continue
+        opt.step()
+        _close(p_r, p_t, f"param after step {t}")
+        torch_state = opt.state[p_t]
+        assert {TORCH_STATE_NAMES[k] for k in st} == set(torch_state) - {"step"}
+        for name, value in st.items():
+            _close(value, torch_state[TORCH_STATE_NAMES[name]].reshape(value.shape),
+                   f"state {TORCH_STATE_NAMES[name]} after step {t}")
+    return p_r
+
+
+@pytest.mark.parametrize("shape_id", list(ADAFACTOR_SHAPES))
+@pytest.mark.parametrize("config", list(TORCH_ADAFACTOR_CONFIGS))
+def test_torch_adafactor_matches_torch(config, shape_id):
+    shape = ADAFACTOR_SHAPES[shape_id]
+    seed = 5500 + 97 * list(TORCH_ADAFACTOR_CONFIGS).index(config) + list(ADAFACTOR_SHAPES).index(shape_id)
+    _run_torch_adafactor(config, shape, _rng(seed))
+
+
+@pytest.mark.parametrize("config,plain", [("eps1-clamps", "eps1-tiny"), ("wd", "defaults"),
+                                          ("maximize", "defaults"), ("eps2-large", "defaults"),
+                                          ("beta2_decay-0.5-d2", "defaults")])
+def test_torch_adafactor_options_are_exercised(config, plain):
+    """Each option the configurations above set changes the result on the test data (the
+    clamps bite, the decay decays...), so that the matches above mean something."""
+    shape = (16, 24)
+    ours = _run_torch_adafactor(config, shape, _rng(5900), oracle=False)
+    base = _run_torch_adafactor(plain, shape, _rng(5900), oracle=False)
+    assert not np.allclose(ours, base, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_adafactor_with_an_underflowing_eps1_gives_nan_as_torch():
+    """ε1 = 1e-30 (transformers' default): ε1² rounds to 0 in float32, so an exactly zero
+    gradient makes U = 0/0 = NaN, in torch and in the reference alike (the same elements)."""
+    shape = (4, 3)
+    p_t = torch.nn.Parameter(torch.ones(shape))
+    p_r = np.ones(shape, np.float32)
+    g = np.zeros(shape, np.float32)
+    g[0, 0] = 1.0
+    opt = torch.optim.Adafactor([p_t], eps=(1e-30, 1e-3))
+    _feed(p_t, g)
+    opt.step()
+    with np.errstate(all="ignore"):
+        torch_adafactor.torch_adafactor(p_r, g, _adafactor_state(shape, None), step=1, eps1=1e-30)
+    expected = p_t.detach().numpy()
+    assert np.isnan(expected).any()
+    np.testing.assert_array_equal(np.isnan(p_r), np.isnan(expected))
+    _close(p_r, p_t, "param")
+
+
+def test_torch_adafactor_differs_from_transformers_with_weight_decay():
+    """With λ ≠ 0 the two Adafactors part (decay λ·lr vs λ·α); at λ = 0 they agree up to
+    ε1 handling (test_adafactor_matches_torch)."""
+    shape = (16, 24)
+    rng = _rng(5901)
+    theta, grads = _randn(rng, shape), [_randn(rng, shape) for _ in range(10)]
+    a, b = theta.copy(), theta.copy()
+    sa, sb = _adafactor_state(shape, None), _adafactor_state(shape, None)
+    for t, g in enumerate(grads, start=1):
+        torch_adafactor.torch_adafactor(a, g, sa, step=t, weight_decay=0.5)
+        adafactor.adafactor(b, g, sb, step=t, weight_decay=0.5)
+    assert not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_adafactor_factoring_follows_ndim():
     assert not adafactor.is_factored((37,))
     assert not adafactor.is_factored(())
@@ -518,6 +684,26 @@ def test_registered_adafactor_matches_transformers():
         g_r = _feed(p_t, _randn(rng, shape))
         opt.step()
         reports = KERNELS["adafactor"].reference(p_r, g_r, st, t, h)
+        assert set(reports) == {Report.CLIP} and reports[Report.CLIP] >= 1.0
+        _close(p_r, p_t, f"param after step {t}")
+
+
+def test_registered_torch_adafactor_matches_torch():
+    """The record's reference reads torch's arguments from the wire form: beta2_decay as
+    decay_rate, d as clip_threshold, ε1 = None as float32's epsilon."""
+    shape = (6, 8, 10)
+    rng = _rng(6004)
+    p_t, p_r = _new_param(rng, shape)
+    kwargs = dict(lr=3e-2, beta2_decay=-0.6, eps=(None, 1e-2), d=1.3, weight_decay=0.2,
+                  maximize=True)
+    opt = torch.optim.Adafactor([p_t], **kwargs)
+    st = _adafactor_state(shape, None)
+    h = _hyper("torch_adafactor", **kwargs).at(0)
+    assert h.eps == torch.finfo(torch.float32).eps
+    for t in range(1, 21):
+        g_r = _feed(p_t, _randn(rng, shape))
+        opt.step()
+        reports = KERNELS["torch_adafactor"].reference(p_r, g_r, st, t, h)
         assert set(reports) == {Report.CLIP} and reports[Report.CLIP] >= 1.0
         _close(p_r, p_t, f"param after step {t}")
 
@@ -709,5 +895,6 @@ def test_every_registered_optimizer_has_an_oracle_test():
     oracle_tests = {"adamw": test_adamw_matches_torch, "adam": test_adam_coupled_l2_matches_torch,
                     "adamp": test_adamp_matches_package,
                     "adafactor": test_adafactor_matches_transformers,
+                    "torch_adafactor": test_torch_adafactor_matches_torch,
                     "lion": test_lion_matches_lion_pytorch}
     assert set(oracle_tests) == set(REGISTRY) == set(KERNELS)

@@ -165,9 +165,11 @@ def test_a_nonfinite_gradient_is_found_in_its_tensor(device):
         assert send(state, 0, pb.BFLOAT16, np.array([0, 1, 2]), grad, chunk=4096) is True
 
 
-@pytest.mark.parametrize("optimizer", ["adafactor", "lion", "adamp"])
-def test_other_optimizers_step_on_the_device_state_as_on_the_host(device, optimizer):
-    layout, params, hyper = job(optimizer)
+@pytest.mark.parametrize("optimizer,group", [
+    ("adafactor", {}), ("lion", {}), ("adamp", {}), ("adam", {"amsgrad": True}),
+    ("torch_adafactor", {"weight_decay": 0.1, "maximize": True})])
+def test_other_optimizers_step_on_the_device_state_as_on_the_host(device, optimizer, group):
+    layout, params, hyper = job(optimizer, **group)
     host, dev = cpu.new_state(layout, params), device.new_state(layout, params)
     rng = np.random.default_rng(3)
     every = np.arange(layout.num_tensors)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import adamp
 import lion_pytorch
+import pytest
 import torch
+import transformers.optimization as hf
 
 from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
@@ -37,6 +39,77 @@ def test_adamw_state_dict_round_trips_with_torch(shard):
     train(reference, ref_opt, 10, lambda _: make_data(3))
     assert_same_params(remote, reference)
     opt.close()
+
+
+def round_trip(shard, cls, job, kwargs, steps=8):
+    """torch -> optserve -> torch with the class itself: `steps` local steps of `cls`, the
+    state dict into a RemoteOptimizer built with the same class and arguments, `steps`
+    remote steps, its state dict back into a fresh `cls`, `steps` more; each leg matches
+    a reference that took every step locally. Returns the remote state dict."""
+    local, remote, reference = make_model(), make_model(), make_model()
+    theirs = cls(param_groups(local, 0.1), **kwargs)
+    ref = cls(param_groups(reference, 0.1), **kwargs)
+    train(local, theirs, steps, lambda _: make_data(0))
+    train(reference, ref, steps, lambda _: make_data(0))
+    remote.load_state_dict(local.state_dict())
+    opt = RemoteOptimizer(param_groups(remote, 0.1), cls, servers=[shard.address], job=job,
+                          **kwargs)
+    opt.load_state_dict(theirs.state_dict())
+    train(remote, opt, steps, lambda _: make_data(2))
+    train(reference, ref, steps, lambda _: make_data(2))
+    assert_same_params(remote, reference)
+
+    sd = opt.state_dict()
+    back = cls(param_groups(remote, 0.1), **kwargs)
+    back.load_state_dict(sd)
+    train(remote, back, steps, lambda _: make_data(3))
+    train(reference, ref, steps, lambda _: make_data(3))
+    assert_same_params(remote, reference)
+    opt.close()
+    return sd
+
+
+def test_amsgrad_state_dict_round_trips_with_torch(shard):
+    """max_exp_avg_sq travels both ways, with AdamW's (and Adam's) own state names."""
+    for cls, job in [(torch.optim.AdamW, "sd-amsgrad"), (torch.optim.Adam, "sd-adam-amsgrad")]:
+        sd = round_trip(shard, cls, job, dict(lr=1e-2, amsgrad=True, maximize=cls is torch.optim.Adam))
+        state = sd["state"][0]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert sd["param_groups"][0]["amsgrad"] is True
+
+
+def test_torch_adafactor_state_dict_round_trips_with_torch(shard):
+    """torch.optim.Adafactor's row_var / col_var (with their kept dims) and variance."""
+    sd = round_trip(shard, torch.optim.Adafactor, "sd-torch-adafactor",
+                    dict(lr=2e-2, weight_decay=0.1, eps=(1e-3, 1e-3), beta2_decay=-0.7))
+    shapes = {name: tuple(v.shape) for name, v in sd["state"][0].items()}   # conv (6, 3, 3, 3)
+    assert shapes == {"step": (), "row_var": (6, 3, 3, 1), "col_var": (6, 3, 1, 3)}
+    assert set(sd["state"][3]) == {"step", "variance"}                       # a bias
+    assert sd["param_groups"][0]["beta2_decay"] == -0.7
+
+
+def test_a_state_dict_that_does_not_fit_the_job_is_refused(shard):
+    """amsgrad decides the state a job keeps (fixed at registration), and another
+    optimizer's state is not silently read as zeros."""
+    model = make_model()
+    local = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, local, 2, lambda _: make_data(0))
+    opt = RemoteOptimizer(model.parameters(), torch.optim.AdamW, servers=[shard.address],
+                          job="sd-refused", lr=1e-2, amsgrad=True)
+    with pytest.raises(ValueError, match=r"group 0 has \{'amsgrad': False\}, the job was "
+                                         r"registered with \{'amsgrad': True\}"):
+        opt.load_state_dict(local.state_dict())
+    assert opt.param_groups[0]["amsgrad"] is True   # left as it was
+
+    other = hf.Adafactor(model.parameters(), lr=1e-2, relative_step=False)   # groups that fit
+    train(model, other, 2, lambda _: make_data(0))
+    ours = RemoteOptimizer(model.parameters(), torch.optim.Adafactor, servers=[shard.address],
+                           job="sd-refused-adafactor")
+    with pytest.raises(ValueError, match=r"has no 'col_var' \(it has \['RMS', 'exp_avg_sq_col', "
+                                         r"'exp_avg_sq_row', 'step'\]\)"):
+        ours.load_state_dict(other.state_dict())
+    opt.close()
+    ours.close()
 
 
 def test_adamp_state_dict_loads_into_adamp_package(shard):

@@ -2,6 +2,7 @@
 //   g <- -g if maximize;  g <- g + lambda*theta (Adam, coupled L2)
 //   theta <- theta*decay   (AdamW: decay_factor(mode) = 1 - lr*wd | 1 - (lr/lr0)*wd | 1 - wd)
 //   m <- m + (1-b1)(g - m);  v <- b2*v + (1-b2)*g^2
+//   amsgrad: vmax <- max(vmax, v), and vmax in place of v below
 //   theta <- theta - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
 // decay is 1 unless decoupled decay is on (theta*1 is exact).
 #include "adam.cuh"
@@ -14,13 +15,15 @@ struct AdamCoef {
     double decay;                // AdamW: the decoupled decay factor
     double c1, b2, c2;           // 1 - b1, b2, 1 - b2
     double sbc2, eps, step;      // sqrt(1 - b2^t), eps, lr / (1 - b1^t)
+    double amsgrad;              // 1: keep max_exp_avg_sq (at tinfo.vm) and divide by it
 };
 
 extern "C" __global__ void __launch_bounds__(BLOCK)
 adam_apply(const TileRec* __restrict__ tiles, const TensorRec* __restrict__ tinfo,
            const AdamCoef* __restrict__ coef, float* __restrict__ param,
            const void* __restrict__ grad, i64 gkind, float* __restrict__ exp_avg,
-           float* __restrict__ exp_avg_sq, StepSums* __restrict__ tile_sums, i64 with_sums) {
+           float* __restrict__ exp_avg_sq, float* __restrict__ max_exp_avg_sq,
+           StepSums* __restrict__ tile_sums, i64 with_sums) {
     const Tile T = load_tile(tiles, tinfo, blockIdx.x);
     const AdamCoef& cf = coef[T.t];
     double s[4] = {0.0, 0.0, 0.0, 0.0};
@@ -29,7 +32,7 @@ adam_apply(const TileRec* __restrict__ tiles, const TensorRec* __restrict__ tinf
         const float sign = (float)cf.sign, l2 = (float)cf.l2, decay = (float)cf.decay;
         const float c1 = (float)cf.c1, b2 = (float)cf.b2, c2 = (float)cf.c2;
         const float sbc2 = (float)cf.sbc2, eps = (float)cf.eps, stepsize = (float)cf.step;
-        const bool l2_on = cf.l2_on != 0.0;
+        const bool l2_on = cf.l2_on != 0.0, amsgrad = cf.amsgrad != 0.0;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         for (i64 i = warp; i < T.nr; i += WARPS) {
             const i64 rp = tile_row_pos(T, i);
@@ -43,7 +46,13 @@ adam_apply(const TileRec* __restrict__ tiles, const TensorRec* __restrict__ tinf
                 float gj = sign * g[q];
                 if (l2_on) gj = gj + l2 * p[q];
                 adam_moments(gj, m[q], v[q], c1, b2, c2);
-                const float nw = p[q] * decay - stepsize * (m[q] / adam_denom(v[q], sbc2, eps));
+                float vd = v[q];
+                if (amsgrad) {                      // max keeping a NaN, as torch.maximum
+                    const float x = max_exp_avg_sq[ti.vm + pos];
+                    vd = (vd > x || vd != vd) ? vd : x;
+                    max_exp_avg_sq[ti.vm + pos] = vd;
+                }
+                const float nw = p[q] * decay - stepsize * (m[q] / adam_denom(vd, sbc2, eps));
                 exp_avg[ti.m + pos] = m[q];
                 exp_avg_sq[ti.v + pos] = v[q];
                 param[T.p + pos] = nw;

@@ -39,13 +39,13 @@ static_assert(WARPS * 32 == BLOCK && CPL * 32 == TC, "tile shape");
 // One tile: rows r0 .. r0+nr and columns c0 .. c0+nc of matrix `batch` of a tensor's view.
 struct TileRec { i64 tensor, batch, r0, nr, c0, nc; };
 
-// One tensor of a plan. B, R, C: its view; n: numel; p: offset in param/grad; m, v:
-// offsets in exp_avg / exp_avg_sq; row, col: where its row / column results start
+// One tensor of a plan. B, R, C: its view; n: numel; p: offset in param/grad; m, v, vm:
+// offsets in exp_avg / exp_avg_sq / max_exp_avg_sq (AMSGrad); row, col: where its row / column results start
 // (Adafactor: in exp_avg_sq_row / _col; AdamP: in the row scratch arrays); rslot, kc:
 // first row partial-sum slot and column strips per row (row r's partials are slots
 // rslot + r*kc .. + kc); cslot, kr: likewise for columns and row bands; tile0, ntiles:
 // the tensor's tiles. -1 where a tensor has no such buffer or sums.
-struct TensorRec { i64 B, R, C, n, p, m, v, row, col, rslot, kc, cslot, kr, tile0, ntiles, ndim; };
+struct TensorRec { i64 B, R, C, n, p, m, v, vm, row, col, rslot, kc, cslot, kr, tile0, ntiles, ndim; };
 
 // Per tensor, for the metrics: sum w^2, sum w*dw, sum dw^2, sum g^2 (w = old theta,
 // dw = new theta - old theta), in float64.
