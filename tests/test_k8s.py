@@ -132,9 +132,13 @@ def test_kubernetes_validate_strict_accepts_every_object(rendered, tmp_path):
 
 
 def test_the_servicemonitor_matches_the_prometheus_operator_crd(rendered, tmp_path):
-    python = tool("python")
+    # tests/k8s_crd.py runs in kubernetes-validate's environment, for its jsonschema
+    python = Path(tool("kubernetes-validate")).with_name("python")
+    if not python.exists():
+        skip_or_fail(f"no Python beside kubernetes-validate ({python}): `make k8s-tools`")
     for overlay in ("base", "gpu"):
-        proc = run(python, "tests/k8s_crd.py", str(SERVICEMONITOR_CRD), str(rendered[overlay]))
+        proc = run(str(python), "tests/k8s_crd.py", str(SERVICEMONITOR_CRD),
+                   str(rendered[overlay]))
         assert "ServiceMonitor/optserve-shard: valid" in proc.stdout, proc.stdout
     # a control: a misspelt field, a number for a duration, an unknown relabel action
     monitor = copy.deepcopy(find(load(rendered["base"]), "ServiceMonitor"))
@@ -143,7 +147,7 @@ def test_the_servicemonitor_matches_the_prometheus_operator_crd(rendered, tmp_pa
     endpoint["scrapeTimeout"] = 10
     endpoint["relabelings"][0]["action"] = "rename"
     control = dump([monitor], tmp_path / "control.yaml")
-    proc = run(python, "tests/k8s_crd.py", str(SERVICEMONITOR_CRD), str(control), ok=False)
+    proc = run(str(python), "tests/k8s_crd.py", str(SERVICEMONITOR_CRD), str(control), ok=False)
     assert proc.returncode == 1, proc.stdout
     for error in ("'scrapeIntervall' was unexpected", "scrapeTimeout: 10 is not of type 'string'",
                   "action: 'rename' is not one of"):
@@ -405,10 +409,13 @@ def test_the_statefulset_runs_shards_that_the_indexed_job_trains_against(rendere
             # certificate holds too
             grpc_port = int(flags(container)["port"])
             assert env["OPTSERVE_SERVERS"].split(",") == [
-                s.address.replace(str(p.ports[grpc_port]), str(grpc_port))
-                for s, p in zip(servers, procs)]
+                f"{s.address.rsplit(':', 1)[0]}:{grpc_port}" for s in servers]
             addresses = [f"localhost:{p.ports[grpc_port]}" for p in procs]
-            mounts = {"/etc/optserve/token": secrets, "/etc/optserve/tls": secrets}
+            secret_volumes = {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]
+                              if "secret" in v}
+            mounts = {m["mountPath"]: secrets for m in worker["volumeMounts"]
+                      if m["name"] in secret_volumes}   # token, ca.crt
+            # HOME: the pod's is an emptyDir; here this machine's
             env = {k: localise(v, mounts, {}) for k, v in env.items() if k != "HOME"}
             env.update(OPTSERVE_SERVERS=",".join(addresses), STEPS="8")
             workers.append(subprocess.Popen(
