@@ -6,7 +6,11 @@ TORCH ?= torch==2.13.0
 # What `pip install -e` installs; CI adds nvrtc-check (CuPy and NVRTC, for tests/test_cuda.py).
 EXTRAS ?= dev
 
-.PHONY: demo test proto bench clean
+# The tools of tests/test_k8s.py (the k8s-check extra) in a virtualenv of their own: checkov's
+# pins would downgrade packages of the test environment.
+K8S_VENV ?= .venv-k8s
+
+.PHONY: demo test proto bench clean k8s-tools
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
+
+$(K8S_VENV)/.installed: pyproject.toml
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install -q --upgrade pip
+	$(K8S_VENV)/bin/python -m pip install -q -e '.[k8s-check]'
+	touch $@
+
+k8s-tools: $(K8S_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/optserve demo
@@ -35,4 +47,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/optserve bench kernels
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(K8S_VENV) *.egg-info .pytest_cache

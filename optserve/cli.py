@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from optserve import logs
+
 
 def _server(args: argparse.Namespace) -> int:
     if args.threads:  # read by numba when it is first imported, just below
@@ -32,13 +34,14 @@ def _server(args: argparse.Namespace) -> int:
             tls=(TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
                  if args.tls_cert or args.tls_key or args.tls_client_ca else None),
             tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
+            advertise_address=args.advertise_address, health_port=args.health_port,
             limits=Limits(max_jobs=args.max_jobs, max_params_per_job=args.max_params_per_job,
                           max_state_bytes=args.max_state_bytes or half_of_memory(),
                           max_device_bytes=args.max_device_bytes, max_workers=args.max_workers,
                           max_shards=args.max_shards,
                           max_tensors=args.max_tensors or most_tensors(),
                           max_inflight_bytes=args.max_inflight_bytes))
-        return serve(config)
+        return serve(config, args.log_format)
     except (OSError, ValueError) as e:   # a port taken, TLS without a certificate, ...
         raise SystemExit(f"optserve server: {e}") from None
 
@@ -172,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1",
                         help="address to bind (0.0.0.0 for all interfaces)")
     server.add_argument("--port", type=_port, default=50051, help="gRPC port (0: a free one)")
+    server.add_argument("--advertise-address", default=None,
+                        help="host name or address workers reach this shard by, shown in its "
+                             "'listening on' line and logs (default: --host, or this machine's "
+                             "host name when --host is 0.0.0.0 or ::)")
+    server.add_argument("--health-port", type=_port, default=None,
+                        help="also serve grpc.health.v1, and nothing else, in plaintext on this "
+                             "port: for probes that speak no TLS, such as Kubernetes' gRPC "
+                             "probes (default: none; health is always on --port too)")
+    server.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object a line (time, level, logger, message, "
+                             "exception), for a cluster's log pipeline")
     server.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "reference"],
                         help="optimizer backend; auto picks cuda when a GPU is visible, else cpu")
     server.add_argument("--threads", type=_positive, default=None,
@@ -318,10 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = getattr(args, "log_format", "text")
+    logs.configure(log_format)
     try:
         return args.func(args)
     except KeyboardInterrupt:   # Ctrl-C: whatever the command started is stopped by now
-        print(f"\noptserve {args.command}: interrupted", file=sys.stderr)
+        if log_format == "json":
+            logging.getLogger(f"optserve.{args.command}").warning("interrupted")
+        else:
+            print(f"\noptserve {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except SystemExit as e:
+        if log_format == "json" and isinstance(e.code, str):   # its message, as a record
+            logging.getLogger(f"optserve.{args.command}").error(e.code)
+            return 1
+        raise

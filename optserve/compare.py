@@ -41,10 +41,10 @@ def default_out() -> Path:
     return Path(tempfile.gettempdir()) / "optserve" / "compare.png"
 
 
-def scrape(port: int, job: str) -> dict[tuple[str, str], float]:
+def scrape(url: str, job: str) -> dict[tuple[str, str], float]:
     """{(metric, tensor): value} of the job's per-tensor gauges, and its state bytes."""
     from prometheus_client.parser import text_string_to_metric_families
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -59,7 +59,7 @@ def conv_norm(model) -> float:
     return sum(params[t].detach().double().square().sum().item() for t in CONV_WEIGHTS) ** 0.5
 
 
-def train(label: str, address: str, port: int, steps: int) -> dict:
+def train(label: str, address: str, metrics_url: str, steps: int) -> dict:
     import torch
     from optserve.client import RemoteOptimizer
     optimizer, hyper, weight_decay = RUNS[label]
@@ -78,11 +78,11 @@ def train(label: str, address: str, port: int, steps: int) -> dict:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        m = scrape(port, job)
+        m = scrape(metrics_url, job)
         norms.append(sum(m[("optserve_weight_norm", t)] ** 2 for t in CONV_WEIGHTS) ** 0.5)
         angles.append(sum(m[("optserve_effective_step", t)] for t in CONV_WEIGHTS)
                       / len(CONV_WEIGHTS))
-    state = scrape(port, job)[("optserve_state_bytes", "")]
+    state = scrape(metrics_url, job)[("optserve_state_bytes", "")]
     params = sum(p.numel() for p in model.parameters())
     opt.close()
     travelled = []
@@ -145,12 +145,12 @@ def collect(device: str, steps: int, port: int | None = None) -> list[dict]:
     """Trains every run of RUNS through one local shard; returns their per-step curves."""
     with local_shards(1, device, port, prefix="optserve-compare-") as (shard,):
         print(f"optserve demo --compare: shard {shard.address}, "
-              f"metrics http://127.0.0.1:{shard.metrics_port}/metrics, {steps} steps each",
+              f"metrics {shard.metrics_url}, {steps} steps each",
               flush=True)
         results = []
         for label in RUNS:
             start = time.perf_counter()
-            results.append(train(label, shard.address, shard.metrics_port, steps))
+            results.append(train(label, shard.address, shard.metrics_url, steps))
             print(f"  {label:<10} done in {time.perf_counter() - start:5.1f}s", flush=True)
         return results
 

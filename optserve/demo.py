@@ -261,7 +261,7 @@ def run_demo(args: argparse.Namespace) -> int:
               flush=True)
         if shards:
             print("metrics (Prometheus text, while the demo runs): " + ", ".join(
-                f"http://127.0.0.1:{shard.metrics_port}/metrics" for shard in shards), flush=True)
+                shard.metrics_url for shard in shards), flush=True)
         results = [train_one(o, servers, ranks, args) for o in optimizers]
     results = [r for r in results if r is not None]
     if not results:

@@ -1,7 +1,8 @@
 """Servers as local child processes, for the demo, the benchmarks and the tests.
 
 A server announces itself with one line on stdout, "... listening on ADDRESS" (a shard adds
-" (metrics on port N)" when it serves metrics); `start` waits for that line.
+" (metrics on port N)" when it serves metrics; with --log-format json the line is a JSON
+object with that message); `start` waits for that line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-_LISTENING = re.compile(r"listening on (\S+)(?: \(metrics on port (\d+)\))?")
+_LISTENING = re.compile(r'listening on ([^\s"]+)(?: \(metrics on port (\d+)\))?')
 
 
 @dataclass
@@ -25,6 +26,13 @@ class LocalServer:
     proc: subprocess.Popen
     address: str
     metrics_port: int | None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Its metrics endpoint, on the host it announced (None: it serves no metrics)."""
+        if self.metrics_port is None:
+            return None
+        return f"http://{self.address.rsplit(':', 1)[0]}:{self.metrics_port}/metrics"
 
     def stop(self, timeout: float = 30.0) -> None:
         stop(self.proc, timeout)

@@ -20,11 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from optserve.kernels import get_backend
+from optserve.logs import json_line
 from optserve.proto.spec import tune_malloc
 from optserve.proto.wire import GRPC_OPTIONS, SERVICE, add_servicer
 from optserve.server.budget import Budget
 from optserve.server.checkpoint import Checkpointer
-from optserve.server.config import ShardConfig
+from optserve.server.config import WILDCARD_HOSTS, ShardConfig, host_port
 from optserve.server.interceptors import RpcCounter, TokenAuth
 from optserve.server.metrics import MetricsRecorder, ShardMetrics
 from optserve.server.servicer import OptimizerServicer, Streams
@@ -70,7 +71,7 @@ class ShardServer:
                 checkpointer.unlock()
             raise
         self.host = config.host
-        self.address = f"{config.host}:{self.port}"
+        self.address = host_port(config.advertised_host(), self.port)   # what workers dial
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._metrics_http = None
@@ -87,8 +88,8 @@ class ShardServer:
             port = self._call(self._build())
             if port == 0:
                 config = self.config
-                raise OSError(f"could not bind {config.host}:{config.port}: the port is taken, or "
-                              "the host is not an address of this machine" + (
+                raise OSError(f"could not bind {host_port(config.host, config.port)}: the port "
+                              "is taken, or the host is not an address of this machine" + (
                                   "; or gRPC could not load the TLS certificate and key"
                                   if config.tls else ""))
         except BaseException:
@@ -112,7 +113,24 @@ class ShardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{config.host}:{config.port}"
+        self.health_server, self.health_port = None, None
+        if config.health_port is not None:
+            # Kubernetes' gRPC probes speak no TLS: a plaintext port with Health alone, from the
+            # same servicer, so that NOT_SERVING on shutdown shows on both ports.
+            self.health_server = grpc.aio.server(
+                options=[*GRPC_OPTIONS, *config.channel_options()],
+                interceptors=[RpcCounter(self.metrics.rpcs)],
+                maximum_concurrent_rpcs=config.max_rpcs)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            address = host_port(config.host, config.health_port)
+            try:
+                self.health_port = self.health_server.add_insecure_port(address)
+            except RuntimeError:   # grpcio's "Failed to bind"
+                self.health_port = 0
+            if self.health_port == 0:
+                raise OSError(f"could not bind the health port {address}: the port is taken, "
+                              "or the host is not an address of this machine")
+        address = host_port(config.host, config.port)
         try:
             if config.tls is None:
                 return self.server.add_insecure_port(address)
@@ -133,11 +151,16 @@ class ShardServer:
     def start(self) -> "ShardServer":
         async def start():
             await self.server.start()
+            if self.health_server is not None:
+                await self.health_server.start()
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._call(start())
         self.metrics.up.set(1)
-        log.info("shard serving on %s (backend %s)", self.address, self.backend.name)
+        log.info("shard serving on %s (bound to %s, backend %s)", self.address,
+                 host_port(self.host, self.port), self.backend.name)
+        if self.health_server is not None:
+            log.info("health checks (grpc.health.v1, plaintext) on port %d", self.health_port)
         return self
 
     def serve_metrics(self, port: int, host: str | None = None) -> int:
@@ -146,7 +169,9 @@ class ShardServer:
                                            registry=self.metrics.registry)
         self._metrics_http = httpd
         port = httpd.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host or self.host, port)
+        host = host or self.host
+        shown = self.config.advertised_host() if host in WILDCARD_HOSTS else host
+        log.info("metrics on http://%s/metrics", host_port(shown, port))
         return port
 
     def _on_fault(self, exc: BaseException) -> None:
@@ -167,6 +192,8 @@ class ShardServer:
         async def stop():
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
+            if self.health_server is not None:   # NOT_SERVING there until the grace is over
+                await self.health_server.stop(0)
         try:
             self._call(stop())
             self._close_loop()
@@ -198,9 +225,10 @@ EXIT_FAULT = 70
 EXIT_UNSAVED = 75
 
 
-def serve(config: ShardConfig) -> int:
+def serve(config: ShardConfig, log_format: str = "text") -> int:
     """Runs a shard until SIGTERM or SIGINT, then shuts down gracefully; returns the exit
-    status (0, EXIT_FAULT after a device fault, EXIT_UNSAVED when a checkpoint failed)."""
+    status (0, EXIT_FAULT after a device fault, EXIT_UNSAVED when a checkpoint failed).
+    It announces its address on stdout, a JSON object when `log_format` is "json"."""
     tune_malloc()
     shard = ShardServer(config).start()
     metrics_port = config.metrics_port
@@ -219,7 +247,10 @@ def serve(config: ShardConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     metrics = f" (metrics on port {metrics_port})" if metrics_port is not None else ""
-    print(f"optserve shard listening on {shard.address}{metrics}", flush=True)
+    line = f"optserve shard listening on {shard.address}{metrics}"
+    if log_format == "json":   # every line of a container's log is then JSON
+        line = json_line(log.name, line, address=shard.address, metrics_port=metrics_port)
+    print(line, flush=True)
     shard.wait()
     if shard.fault is not None:
         return EXIT_FAULT

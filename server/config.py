@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 from dataclasses import dataclass, field
 
 import grpc
 
 from optserve.proto.spec import tensors_that_fit
 from optserve.proto.wire import MAX_MESSAGE_BYTES
+
+
+# Hosts that mean "every interface": a shard bound to one is reached by another name.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as gRPC and its clients take it, an IPv6 literal in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def half_of_memory() -> int:
@@ -69,6 +79,10 @@ class ShardConfig:
     """One shard's settings; the defaults are `optserve server`'s."""
     host: str = "127.0.0.1"
     port: int = 50051                    # 0: any free port
+    # the host name or address workers reach the shard by, shown in its "listening on" line
+    # and logs; None: host, or this machine's host name when host is a wildcard (0.0.0.0)
+    advertise_address: str | None = None
+    health_port: int | None = None       # plaintext, grpc.health.v1 only (probes of a TLS shard)
     device: str = "auto"                 # auto, cpu, cuda or reference (kernels.get_backend)
     max_threads: int = 64                # the worker pool that does the calls' work
     max_rpcs: int = 4096                 # calls open at once; beyond it RESOURCE_EXHAUSTED
@@ -86,6 +100,11 @@ class ShardConfig:
     tls: TLSFiles | None = None
     tokens: dict[str, str] | None = None   # job -> bearer token; None: no tokens checked
     limits: Limits = field(default_factory=Limits)
+
+    def advertised_host(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        return socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
 
     def channel_options(self) -> list[tuple[str, int]]:
         """The server's HTTP/2 settings: a connection whose peer stops answering pings is

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import threading
+import time
 
 import grpc
 import pytest
@@ -10,11 +12,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from models import make_data, make_model
 from optserve import cli
 from optserve.client import (PermissionDenied, RemoteOptimizer, ResourceExhausted,
                              Unauthenticated, Unavailable)
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.server import Limits, ShardConfig, ShardServer, TLSFiles
 from support import DEVICE
 
@@ -82,6 +88,61 @@ def test_tls(pki):
             one_step(server.address, job="plain")  # plaintext to a TLS port
         assert cli.main(["health", server.address, "--tls-ca", pki["ca"][0]]) == 0
         assert cli.main(["health", server.address, "--timeout", "2"]) == 1   # plaintext
+    finally:
+        server.stop(0)
+
+
+def check(channel, service=""):
+    return health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_port_serves_health_alone_in_plaintext_beside_tls(pki):
+    """--health-port: Kubernetes' gRPC probes speak no TLS, so beside a TLS port the shard
+    serves grpc.health.v1, and nothing else, in plaintext on a second port, from the same
+    servicer: NOT_SERVING on shutdown shows there while in-flight calls finish."""
+    SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    shard, key = pki["shard"]
+    server = ShardServer(ShardConfig(host="localhost", port=0, health_port=0, device=DEVICE,
+                                     tls=TLSFiles(shard, key))).start()
+    health_address = f"localhost:{server.health_port}"
+    tls = grpc.ssl_channel_credentials(open(pki["ca"][0], "rb").read())
+    try:
+        one_step(server.address, tls_ca=pki["ca"][0])   # the gRPC port: TLS, as before
+        assert cli.main(["health", health_address]) == 0   # plaintext, as the kubelet asks
+        assert cli.main(["health", server.address, "--timeout", "2"]) == 1
+        with grpc.insecure_channel(health_address) as channel:
+            assert check(channel) == check(channel, "optserve.v1.Optimizer") == SERVING
+            # nothing but Health: neither the Optimizer service nor reflection
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.OptimizerStub(channel).Checkpoint(pb.CheckpointRequest(job="secure"),
+                                                          timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as e:
+                list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # Shutting down with a call in flight on the TLS port (a Watch): while it has its
+        # grace, the plaintext port says NOT_SERVING, and so does the watch.
+        with grpc.secure_channel(server.address, tls) as secure, \
+                grpc.insecure_channel(health_address) as channel:
+            watch = health_pb2_grpc.HealthStub(secure).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == SERVING
+            stopping = threading.Thread(target=server.stop, args=(30.0,))
+            started = time.monotonic()
+            stopping.start()
+            while check(channel) == SERVING:
+                assert time.monotonic() - started < 5, "still SERVING after stop()"
+                time.sleep(0.05)
+            assert check(channel, "optserve.v1.Optimizer") == NOT_SERVING
+            assert next(watch).status == NOT_SERVING
+            watch.cancel()   # the last call in flight: the shard stops now
+            stopping.join(timeout=20)
+            assert not stopping.is_alive() and time.monotonic() - started < 20
+            with pytest.raises(grpc.RpcError) as e:
+                check(channel)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE   # the port is closed
     finally:
         server.stop(0)
 
