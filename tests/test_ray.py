@@ -45,18 +45,21 @@ def batch(step: int, rank: int):
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: rank and world size from the trainer's context, the README's
-    RolledBack recipe, and its final parameters and roll-backs saved for the test."""
+    """One Ray Train worker, as the README's recipe has it: the shards' addresses looked up
+    by their actors' names, rank and world size from the trainer's context, resume=True
+    and the RolledBack recipe; its final parameters and roll-backs saved for the test."""
     import ray.train
+    import optserve.ray
     from optserve.client import RemoteOptimizer, RolledBack
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(1)
     model = make_model()
-    opt = RemoteOptimizer(model.parameters(), "adamw", servers=config["servers"],
-                          job=config["job"], rank=rank, world_size=world_size, lr=LR,
-                          weight_decay=WEIGHT_DECAY, rpc_timeout=20.0, timeout=60.0)
-    step, rollbacks = 0, []
+    opt = RemoteOptimizer(model.parameters(), "adamw",
+                          servers=optserve.ray.shard_addresses(config["job"], 2),
+                          job=config["job"], rank=rank, world_size=world_size, resume=True,
+                          lr=LR, weight_decay=WEIGHT_DECAY, rpc_timeout=20.0, timeout=60.0)
+    step, rollbacks = opt.version, []
     while step < STEPS:
         x, y = batch(step, rank)
         opt.zero_grad()
@@ -207,8 +210,9 @@ def run_job(cluster: Cluster, job: str, kill: bool = False) -> Run:
         shard_args=("--device", DEVICE, "--grace", "2", "--barrier-timeout", "60"))
     try:
         before = group.info()
+        assert [info.address for info in before] == group.addresses
         trainer = TorchTrainer(
-            train_loop, train_loop_config=dict(servers=group.addresses, job=job, out=str(out),
+            train_loop, train_loop_config=dict(job=job, out=str(out),
                                                delay=0.1 if kill else 0.0),
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
             run_config=RunConfig(name=job, storage_path=str(cluster.root / "train"),
