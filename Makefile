@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build this machine class carries; any other pin pulls CUDA wheels.
 TORCH ?= torch==2.13.0
-# What `pip install -e` installs; CI adds nvrtc-check (CuPy and NVRTC, for tests/test_cuda.py).
+# What `pip install -e` installs; CI adds nvrtc-check (CuPy and NVRTC, for tests/test_cuda.py)
+# and ray (tests/test_ray.py).
 EXTRAS ?= dev
 
 # The tools of tests/test_k8s.py (the k8s-check extra) in a virtualenv of their own: checkov's
