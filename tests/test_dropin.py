@@ -3,6 +3,7 @@ Lightning, and the mistakes of a first run (a script run twice, a wrong address)
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -148,6 +149,20 @@ def regression(n: int = 256):
     return x, y
 
 
+@pytest.fixture
+def pypi_kernels(monkeypatch):
+    """The repository's root holds kernels/ (optserve.kernels). On sys.path, as pytest run
+    from the root puts it, it shadows the PyPI package `kernels` that transformers' Trainer
+    imports when it is installed: a user's script, run from anywhere else, never sees this."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if pathlib.Path(p or ".").resolve() != root])
+    found = sys.modules.get("kernels")
+    if found is not None and root in pathlib.Path(found.__file__ or "").resolve().parents:
+        monkeypatch.delitem(sys.modules, "kernels")
+
+
+@pytest.mark.usefixtures("pypi_kernels")
 def test_hf_trainer_trains_with_a_remote_optimizer(shard, tmp_path):
     """Trainer(optimizers=(opt, scheduler)): the loss falls to a tenth of its start."""
     transformers = pytest.importorskip("transformers")
