@@ -16,10 +16,12 @@ import logging
 import os
 from typing import Any, Callable, Sequence
 
+import grpc
 import torch
 
 from optserve.client.options import JobOptions, placement, ranks, servers_from_env
 from optserve.client.payloads import TORCH_WIRE, Buffers, packed_chunks
+from optserve.client.shm import Segment, attach
 from optserve.client.transport import Shards, delete_job, delete_on
 from optserve.proto import optimizers, state_codec
 from optserve.proto.errors import InvalidArgument, OptserveError
@@ -103,6 +105,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         DEADLINE_EXCEEDED, with exponential backoff.
       nonfinite: "refuse" (a NaN/Inf gradient raises InvalidArgument, nothing applied) or
         "skip" (the step is skipped and counted, as GradScaler does on overflow).
+      shared_memory: with a shard on this machine (and in this PID namespace), move the
+        gradients and parameters through a shared-memory segment the shard offers, with only
+        the headers on gRPC; a shard elsewhere, or one that offers none, streams as before.
+        Default: on, unless $OPTSERVE_SHARED_MEMORY is 0.
       token: the job's bearer token, when the shards check tokens.
       tls_ca, tls_cert, tls_key: PEM files: the CA that signed the shards' certificates
         (TLS), and this worker's certificate and key (mutual TLS).
@@ -120,7 +126,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  staleness_lr: bool = False, timeout: float | None = None,
                  on_timeout: str = "fail", grad_dtype: str = "float32",
                  param_dtype: str = "float32", rpc_timeout: float | None = 600.0,
-                 retries: int = 12, nonfinite: str = "refuse", token: str | None = None,
+                 retries: int = 12, nonfinite: str = "refuse",
+                 shared_memory: bool | None = None, token: str | None = None,
                  tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, **hyperparameters):
         info, defaults = _resolve_optimizer(optimizer, hyperparameters)
@@ -151,8 +158,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._version = [0] * len(servers)   # the parameter version held, per shard
         self._session = os.urandom(16).hex()   # this client's claim on its rank (RegisterHeader)
         self._resume = resume
+        self._segments: list[Segment | None] = [None] * len(servers)
         self._shards.wait_ready(connect_timeout)
         self._register()
+        if shared_memory if shared_memory is not None else os.environ.get(
+                "OPTSERVE_SHARED_MEMORY", "1") != "0":
+            self._shards.call_all(self._attach)
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "spec"):   # after construction: the job's tensors are registered
@@ -204,6 +215,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
             log.warning("job %r: the shards hold versions %s; the first step will roll them "
                         "back to %d", self.job, self._version, min(self._version))
             self._version = [max(self._version)] * len(self._version)
+
+    def _attach(self, shard: int) -> None:
+        """Maps the shard's shared-memory segment for this worker, when it offers one this
+        process can reach (client/shm.py); a segment held before is let go."""
+        old = self._segments[shard]
+        self._segments[shard] = attach(
+            self._shards.stubs[shard], self.job, self.rank, self._session,
+            self._shards.rpc_timeout, self._params, self._shard_tensors[shard],
+            TORCH_WIRE[self.spec.grad_dtype])
+        if old is not None:
+            old.close()
+
+    @property
+    def data_paths(self) -> list[str]:
+        """How each shard's steps travel: "shared_memory" or "grpc"."""
+        return ["grpc" if s is None else "shared_memory" for s in self._segments]
 
     @property
     def version(self) -> int:
@@ -276,15 +303,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                groups=groups, dtype=self.spec.grad_dtype,
                                version=self._version[shard], session=self._session,
                                nonfinite=nonfinite)
-        buffers = self._buffers[shard]
-        grads = [self._params[t].grad for t in tensors]
-
-        def requests():
-            yield pb.StepRequest(header=header)
-            yield from packed_chunks(grads, buffers.send)
-
-        reply = self._shards.retrying(lambda: buffers.receive(
-            self._shards.stubs[shard].Step(requests(), timeout=self._shards.rpc_timeout), self._params))
+        if self._segments[shard] is None:
+            reply = self._step_streamed(shard, header, tensors)
+        else:
+            try:
+                reply = self._step_shared(shard, header, tensors)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # The shard no longer knows the segment (it restarted), or refused the step:
+                # attach again and send it once more, which refuses it again if it was wrong.
+                log.info("job %r: shard %d refused a shared-memory step (%s); attaching again",
+                         self.job, shard, e.details())
+                self._attach(shard)
+                header.ClearField("shared_memory_key")
+                reply = (self._step_streamed(shard, header, tensors) if self._segments[shard] is None
+                         else self._step_shared(shard, header, tensors))
         if reply.dropped:
             log.info("job %r: shard %d dropped this worker's %s gradient for step %d",
                      self.job, shard, reply.drop_reason, step)
@@ -296,6 +330,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                     else step)
         self._version[shard] = reply.version
         return reply
+
+    def _step_streamed(self, shard: int, header: pb.StepHeader, tensors: list[int]) -> pb.TensorHeader:
+        """The step over its gRPC stream: the gradient out and the parameters back in chunks."""
+        buffers = self._buffers[shard]
+        grads = [self._params[t].grad for t in tensors]
+
+        def requests():
+            yield pb.StepRequest(header=header)
+            yield from packed_chunks(grads, buffers.send)
+
+        return self._shards.retrying(lambda: buffers.receive(
+            self._shards.stubs[shard].Step(requests(), timeout=self._shards.rpc_timeout), self._params))
+
+    def _step_shared(self, shard: int, header: pb.StepHeader, tensors: list[int]) -> pb.TensorHeader:
+        """The step through the shard's segment: the stream carries the two headers."""
+        segment = self._segments[shard]
+        segment.pack(self._params, tensors)
+        header.shared_memory_key = segment.key
+        return self._shards.retrying(lambda: segment.receive(
+            self._shards.stubs[shard].Step(iter([pb.StepRequest(header=header)]),
+                                           timeout=self._shards.rpc_timeout), self._params))
 
     def _pull(self, shard: int) -> None:
         """Overwrites this shard's parameters with its current values."""
@@ -432,6 +487,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             except OptserveError as e:  # closing must not fail because a shard is gone
                 log.info("job %r: could not leave cleanly: %s", self.job, e)
         self._shards.close()
+        for segment in self._segments:
+            if segment is not None:
+                segment.close()
 
     def __enter__(self) -> "RemoteOptimizer":
         return self

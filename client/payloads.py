@@ -62,13 +62,7 @@ class Buffers:
         if isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
             raise OptserveError("the shard's reply did not start with a header")
         header = first.header
-        targets = [params[t] for t in header.tensors if t in self.tensors]
-        itemsize = WIRE_ITEMSIZE.get(header.dtype, 0)
-        if header.dtype not in TORCH_WIRE or len(targets) != len(header.tensors) \
-                or header.total_bytes != itemsize * sum(p.numel() for p in targets):
-            raise OptserveError(f"the shard's reply announces {header.total_bytes} bytes of "
-                                f"dtype {header.dtype} for tensors {list(header.tensors)}, "
-                                "which do not match this worker's tensors")
+        targets = check_reply(header, self.tensors, params)
         reply = WriteBack(header.total_bytes, targets, self.inbox[:header.total_bytes],
                            TORCH_WIRE[header.dtype])
         for msg in it:
@@ -77,6 +71,19 @@ class Buffers:
             reply.add(msg)
         reply.finish()
         return header
+
+
+def check_reply(header: pb.TensorHeader, mine: set[int], params: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+    """The parameters a reply's payload holds, in order, once its header fits them."""
+    targets = [params[t] for t in header.tensors if t in mine]
+    itemsize = WIRE_ITEMSIZE.get(header.dtype, 0)
+    if header.dtype not in TORCH_WIRE or len(targets) != len(header.tensors) \
+            or header.total_bytes != itemsize * sum(p.numel() for p in targets):
+        raise OptserveError(f"the shard's reply announces {header.total_bytes} bytes of "
+                            f"dtype {header.dtype} for tensors {list(header.tensors)}, "
+                            "which do not match this worker's tensors")
+    return targets
 
 
 class WriteBack(Assembler):

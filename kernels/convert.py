@@ -55,6 +55,20 @@ def _encode_bf16(src, dst):
         dst[i] = np.uint16(rounded >> np.uint64(16))
 
 
+@_kernel
+def _nonfinite_f32(src):
+    """The number of non-finite values in `src` (float32 bits)."""
+    bad = 0
+    for i in range(src.size):
+        bad += (src[i] & _F32_EXPONENT) == _F32_EXPONENT
+    return bad
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every float32 value is finite: one read, no temporary."""
+    return _nonfinite_f32(values.view(np.uint32)) == 0
+
+
 def decode(raw: np.ndarray, wire: str, out: np.ndarray) -> bool:
     """Decodes the wire bytes `raw` into the float32 array `out`; True when every value is
     finite."""

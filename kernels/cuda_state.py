@@ -26,7 +26,7 @@ from optserve.kernels import cuda
 from optserve.kernels.backend import StepResult, View
 from optserve.kernels.hyper import Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
-from optserve.kernels.state import BufferPool, Written, check_fits
+from optserve.kernels.state import BufferPool, FromSegment, Written, check_fits
 from optserve.proto.spec import WIRE_ITEMSIZE
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import CHUNK_BYTES, Assembler
@@ -91,6 +91,12 @@ class DeviceState:
             counts = self.rt.download(per_tensor)[:self.layout.num_tensors]
         self.nonfinite[worker] = counts
         return counts
+
+    def receive_shared(self, worker, wire, tensors, region, what):
+        # uploaded from the segment as from a stream's chunks; the pinned slots stay the
+        # only memory the copies read
+        return FromSegment(self.receive(worker, wire, tensors, what), region,
+                           self.layout.runs(tensors), WIRE_ITEMSIZE[wire])
 
     def first_nonfinite(self, worker: int, tensors: np.ndarray) -> int:
         counts = self.nonfinite[worker]

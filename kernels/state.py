@@ -18,8 +18,10 @@ import numpy as np
 
 from optserve.kernels import convert
 from optserve.kernels.layout import FlatLayout, FlatState
+from optserve.proto.errors import InvalidArgument
 from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES
-from optserve.proto.wire import Assembler, RawChunk
+from optserve.proto.v1 import optserve_pb2 as pb
+from optserve.proto.wire import CHUNK_BYTES, Assembler, RawChunk
 
 if TYPE_CHECKING:
     from optserve.kernels.backend import StepResult
@@ -55,6 +57,12 @@ class JobState(Protocol):
     def receive(self, worker: int, wire: int, tensors: np.ndarray, what: str) -> GradientReceiver:
         """A receiver for `worker`'s gradient of `tensors` (local, ascending), in wire dtype
         `wire`; it replaces that worker's previous gradient."""
+
+    def receive_shared(self, worker: int, wire: int, tensors: np.ndarray, region: np.ndarray,
+                       what: str) -> GradientReceiver:
+        """A receiver for `worker`'s gradient of `tensors` that lies in `region` (uint8, a
+        shared-memory segment's: every tensor at its place in the flat layout, as `wire`),
+        taken when it finishes; it sends no chunks."""
 
     def first_nonfinite(self, worker: int, tensors: np.ndarray) -> int:
         """The first of `tensors` whose received gradient holds a NaN or an Inf."""
@@ -133,7 +141,11 @@ def host_worker_bytes(numel: int, workers: int) -> int:
 
 class HostState:
     """A job's state in NumPy, stepped by a host backend (cpu or reference). Each worker's
-    gradient is decoded into its own float32 buffer as it arrives, reused every step."""
+    gradient is decoded into its own float32 buffer as it arrives, reused every step; a
+    float32 gradient in a worker's segment is used where it lies."""
+
+    # Replies may be encoded into any host memory, a worker's segment too (server/stepper.py).
+    encodes_to_host = True
 
     def __init__(self, backend, layout: FlatLayout, params: np.ndarray):
         self.backend = backend
@@ -142,16 +154,24 @@ class HostState:
         self.state.param[:] = params
         self.steps = self.state.steps
         self.grads: dict[int, np.ndarray] = {}
+        self.in_segment: set[int] = set()         # workers whose grads are their segment's
         self.mean: np.ndarray | None = None       # sync rounds of several workers
         self.replies = BufferPool()
 
     def receive(self, worker: int, wire: int, tensors: np.ndarray, what: str) -> GradientReceiver:
         grad = self.grads.get(worker)
-        if grad is None:
+        if grad is None or worker in self.in_segment:   # never decode into a worker's memory
             grad = self.grads[worker] = np.empty(self.layout.numel, np.float32)
+            self.in_segment.discard(worker)
         itemsize = WIRE_ITEMSIZE[wire]
         total = int(self.layout.sizes[tensors].sum()) * itemsize
         return Decoder(total, what, WIRE_NAMES[wire], itemsize, grad, self.layout.runs(tensors))
+
+    def receive_shared(self, worker, wire, tensors, region, what):
+        if wire != pb.FLOAT32:   # widened into the worker's own buffer, as if it streamed in
+            return FromSegment(self.receive(worker, wire, tensors, what), region,
+                               self.layout.runs(tensors), WIRE_ITEMSIZE[wire])
+        return InPlace(self, worker, region.view(np.float32), self.layout.runs(tensors))
 
     def first_nonfinite(self, worker: int, tensors: np.ndarray) -> int:
         grad = self.grads[worker]
@@ -229,6 +249,48 @@ def check_fits(layout: FlatLayout, state: FlatState) -> None:
     for name, buf in state.fields.items():
         if buf.shape != (layout.field_totals[name],):
             raise ValueError(f"checkpoint buffer {name!r} does not fit the job's layout")
+
+
+class FromSegment:
+    """A gradient in a worker's segment handed to a stream's receiver, run by run, as the
+    chunks of a stream would be: one decoding pass, the bytes read where they lie."""
+
+    def __init__(self, receiver: GradientReceiver, region: np.ndarray,
+                 runs: list[tuple[int, int]], itemsize: int):
+        self.receiver, self.region, self.runs, self.itemsize = receiver, region, runs, itemsize
+        self.total = receiver.total
+
+    def add(self, chunk: RawChunk) -> None:
+        raise InvalidArgument("a step whose gradient is in shared memory sends no chunks")
+
+    def finish(self) -> bool:
+        pos, size = 0, self.itemsize
+        for o, n in self.runs:
+            for lo in range(o * size, (o + n) * size, CHUNK_BYTES):
+                hi = min(lo + CHUNK_BYTES, (o + n) * size)
+                self.receiver.add(RawChunk(pos, self.region[lo:hi]))
+                pos += hi - lo
+        return self.receiver.finish()
+
+
+class InPlace:
+    """A float32 gradient in a worker's segment, stepped where it lies: its sent values are
+    checked (one read), never copied. The worker writes it only between its steps; one that
+    writes during its own step harms only its job (server/segments.py)."""
+
+    def __init__(self, state: HostState, worker: int, values: np.ndarray,
+                 runs: list[tuple[int, int]]):
+        self.state, self.worker, self.values, self.runs = state, worker, values, runs
+        self.total = 4 * sum(n for _, n in runs)
+
+    def add(self, chunk: RawChunk) -> None:
+        raise InvalidArgument("a step whose gradient is in shared memory sends no chunks")
+
+    def finish(self) -> bool:
+        finite = all(convert.all_finite(self.values[o:o + n]) for o, n in self.runs)
+        self.state.grads[self.worker] = self.values
+        self.state.in_segment.add(self.worker)
+        return finite
 
 
 class Decoder(Assembler):

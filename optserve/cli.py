@@ -16,7 +16,7 @@ def _server(args: argparse.Namespace) -> int:
     if args.gpu is not None:  # read by CUDA when it first initialises, after this
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     from optserve.server import Limits, ShardConfig, TLSFiles, serve
-    from optserve.server.config import half_of_memory, most_tensors
+    from optserve.server.config import half_of_memory, most_tensors, quarter_of_memory
     from optserve.server.interceptors import load_tokens
     for flag in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
         path = getattr(args, flag)
@@ -40,7 +40,10 @@ def _server(args: argparse.Namespace) -> int:
                           max_device_bytes=args.max_device_bytes, max_workers=args.max_workers,
                           max_shards=args.max_shards,
                           max_tensors=args.max_tensors or most_tensors(),
-                          max_inflight_bytes=args.max_inflight_bytes))
+                          max_inflight_bytes=args.max_inflight_bytes,
+                          shared_memory=args.shared_memory,
+                          max_shared_memory_bytes=(args.max_shared_memory_bytes
+                                                   or quarter_of_memory())))
         return serve(config, args.log_format)
     except (OSError, ValueError) as e:   # a port taken, TLS without a certificate, ...
         raise SystemExit(f"optserve server: {e}") from None
@@ -242,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bytes all uploads and downloads in flight may hold outside the "
                              "jobs' state (registrations, optimizer states); one call may "
                              "exceed it alone (default: %(default)s, 1 GiB)")
+    server.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                        help="never offer workers on this host a shared-memory segment: every "
+                             "step's bytes travel on its gRPC stream")
+    server.add_argument("--max-shared-memory-bytes", type=_positive, default=None,
+                        help="bytes all workers' shared-memory segments may hold; a worker "
+                             "beyond it steps over gRPC (default: a quarter of RAM)")
     server.add_argument("--max-rpcs", type=_positive, default=4096,
                         help="calls open at once; beyond it RESOURCE_EXHAUSTED")
     server.add_argument("--idle-timeout", type=_positive_float, default=60.0,

@@ -28,6 +28,7 @@ log = logging.getLogger("optserve.server")
 if TYPE_CHECKING:
     from optserve.server.job import Job
     from optserve.server.reply import Result
+    from optserve.server.segments import Segment
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Contribution:
     groups: list[pb.Hyperparameters]
     staleness: int = 0
     nonfinite: bool = False       # holds NaN/Inf and the job's policy is to skip the step
+    reply_to: np.ndarray | None = None   # the reply region of the worker's segment
 
 
 class Admission:
@@ -134,8 +136,9 @@ class Admission:
             self.preempted.add(upload[1])
             upload[1].cancel()
 
-    def open(self, header: pb.StepHeader):
-        """Validates the header and readies the worker's buffer for its gradient."""
+    def open(self, header: pb.StepHeader, segment: "Segment | None" = None):
+        """Validates the header and readies the worker's buffer for its gradient: one that
+        streams in, or one in the worker's segment."""
         job = self.job
         if header.dtype != job.spec.grad_dtype:
             raise InvalidArgument(
@@ -144,8 +147,11 @@ class Admission:
         local = self.local_indices(header.tensors)
         self.check_groups(header.groups)
         job.stepper.wait_unread(header.worker)   # the last step may still read its buffer
-        return job.state.receive(header.worker, header.dtype, local,
-                                 f"job {job.name!r} step {header.step} gradient")
+        what = f"job {job.name!r} step {header.step} gradient"
+        if segment is not None:
+            return job.state.receive_shared(header.worker, header.dtype, local,
+                                            segment.gradient, what)
+        return job.state.receive(header.worker, header.dtype, local, what)
 
     def decoded(self, header: pb.StepHeader, receiver, seconds: float) -> Contribution:
         """The received gradient, once complete; refused here when non-finite under the

@@ -63,6 +63,7 @@ class ShardServer:
                                 observer=recorder, checkpointer=checkpointer,
                                 checkpoint_every=config.checkpoint_every, limits=config.limits)
         self.store.on_fault = self._on_fault
+        self.store.segments.report = self.metrics.shared_memory.set
         try:
             self.store.restore_all()
             self.port = self._serve_loop()

@@ -26,6 +26,10 @@ def half_of_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
+def quarter_of_memory() -> int:
+    return half_of_memory() // 2
+
+
 def most_tensors() -> int:
     """The default of max_tensors: any job within it has headers (its optimizer state's
     too) that fit in half of a gRPC message, whatever its shapes."""
@@ -49,6 +53,9 @@ class Limits:
     max_tensors: int = field(default_factory=most_tensors)
     # what calls hold in flight outside the state (server/budget.py); one may exceed it alone
     max_inflight_bytes: int = 1 << 30
+    # shared-memory segments for workers on the shard's host (server/segments.py), over all jobs
+    shared_memory: bool = True
+    max_shared_memory_bytes: int = field(default_factory=quarter_of_memory)
 
 
 @dataclass(frozen=True)

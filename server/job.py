@@ -30,6 +30,7 @@ from optserve.server.aio import offload
 from optserve.server.barrier import Barrier, Round
 from optserve.server.observer import NoObserver
 from optserve.server.reply import Result
+from optserve.server.segments import Segment, SegmentBudget, check_key
 from optserve.server.stepper import Stepper
 
 log = logging.getLogger("optserve.server")
@@ -38,7 +39,8 @@ log = logging.getLogger("optserve.server")
 class Job:
     def __init__(self, spec: pb.JobSpec, shard: int, backend: Backend, params: np.ndarray,
                  barrier_timeout: float, observer=None, checkpointer=None,
-                 checkpoint_every: int = 0, faults=lambda exc: None):
+                 checkpoint_every: int = 0, faults=lambda exc: None,
+                 segment_budget: SegmentBudget | None = None):
         self.spec = spec
         self.name = spec.job
         self.key = spec_key(spec)
@@ -66,6 +68,8 @@ class Job:
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
         self.deleted = False
+        self.segment_budget = segment_budget or SegmentBudget()
+        self.segments: dict[int, Segment] = {}    # worker -> its shared-memory segment
         self.admission = Admission(self)
         self.barrier = Barrier(self)
         self.stepper = Stepper(self)
@@ -91,37 +95,42 @@ class Job:
 
     # ---- Step ---------------------------------------------------------------------------
     async def step(self, header: pb.StepHeader, chunks: AsyncIterable[RawChunk],
-                   send: Callable[[Result], Awaitable[None]]) -> None:
+                   send: Callable[[Result, Segment | None], Awaitable[None]]) -> None:
         """One worker's Step, in the event loop: what waits (the gradient's next chunk, the
         rest of a sync round, a step of the same worker still running or still sending)
         holds no thread. The reply is sent before the worker's next step may start, so a
-        worker holds at most one reply in flight."""
+        worker holds at most one reply in flight. A step that names the worker's segment
+        (server/segments.py) has its gradient there, and its reply goes there."""
         gate = self.admission
         worker = gate.check_worker(header.worker)
         gate.check_session(worker, header.session)
         gate.preempt(worker, header.session)
+        segment = (check_key(self.segments.get(worker), self.name, worker,
+                             header.shared_memory_key) if header.shared_memory_key else None)
         async with gate.worker_lock(worker):
-            early, receiver = await offload(self._begin, worker, header)
+            early, receiver = await offload(self._begin, worker, header, segment)
             if early is not None:
                 async for _ in chunks:   # the gradient of an answered step is not needed
                     pass
-                return await send(early)
+                return await send(early, segment)
             seconds = await gate.receive(header, receiver, chunks)
-            c, outcome = await offload(self._received, header, receiver, seconds)
+            c, outcome = await offload(self._received, header, receiver, seconds, segment)
             if isinstance(outcome, Round):
                 outcome = await self.barrier.wait(outcome, c)
-            await send(outcome)
+            await send(outcome, segment)
 
-    def _begin(self, worker: int, header: pb.StepHeader):
+    def _begin(self, worker: int, header: pb.StepHeader, segment: Segment | None):
         """(the answer, None) for a step answered already, else (None, the receiver)."""
         early = self._answered_early(worker, header)
         if early is not None:
             return early, None
         self.admission.check_order(worker, header)
-        return None, self.admission.open(header)
+        return None, self.admission.open(header, segment)
 
-    def _received(self, header: pb.StepHeader, receiver, seconds: float):
+    def _received(self, header: pb.StepHeader, receiver, seconds: float, segment: Segment | None):
         c = self.admission.decoded(header, receiver, seconds)
+        if segment is not None:
+            c.reply_to = segment.reply
         return c, self._submit(c, header.version)
 
     def _answered_early(self, worker: int, header: pb.StepHeader) -> Result | None:
@@ -186,6 +195,30 @@ class Job:
         return out
 
     # ---- membership ---------------------------------------------------------------------
+    def attach(self, worker: int, session: str) -> pb.AttachSharedMemoryResponse:
+        """A new shared-memory segment for `worker`, replacing its last one, for the client
+        that holds the worker; or why there is none."""
+        self.admission.check_worker(worker)
+        with self.admission.sessions_lock:
+            holder = self.admission.sessions.get(worker)
+        if not session or holder != session:
+            raise FailedPrecondition(f"job {self.name!r}: worker {worker} is not held by this "
+                                     "client: register it (RegisterJob) before attaching")
+        made = self.segment_budget.new(
+            f"job {self.name!r} worker {worker}",
+            self.layout.numel * WIRE_ITEMSIZE[self.spec.grad_dtype],
+            self.layout.numel * WIRE_ITEMSIZE[self.param_dtype])
+        if isinstance(made, str):
+            return pb.AttachSharedMemoryResponse(reason=made)
+        with self.cond:
+            if self.deleted:
+                self.segment_budget.free(made)
+                self.check_not_deleted()
+            old, self.segments[worker] = self.segments.get(worker), made
+        if old is not None:
+            self.segment_budget.free(old)
+        return pb.AttachSharedMemoryResponse(host=made.describe())
+
     def join(self, worker: int, session: str = "", resume: bool = False) -> tuple[int, int]:
         """A worker (re)joins, held from now on by the client of `session`; returns (version,
         the last step it completed). A rank an earlier client held, in a job that has taken
@@ -272,6 +305,9 @@ class Job:
             self.stepper.wait_idle()
         self.stepper.shutdown()
         self.state.release()
+        for segment in self.segments.values():
+            self.segment_budget.free(segment)
+        self.segments.clear()
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:

@@ -141,6 +141,9 @@ class ShardMetrics:
         self.inflight = Gauge("optserve_inflight_bytes", "Bytes held by uploads and downloads "
                               "in flight outside the jobs' state (--max-inflight-bytes)",
                               registry=r)
+        self.shared_memory = Gauge("optserve_shared_memory_bytes", "Bytes of the workers' "
+                                   "shared-memory segments (--max-shared-memory-bytes)",
+                                   registry=r)
 
     def watch_device(self, report) -> None:
         """Exports a device backend's memory and PCIe traffic, read at each scrape from

@@ -14,7 +14,7 @@ from optserve.kernels.state import Written
 from optserve.proto.spec import DropReason
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk, chunked
-from optserve.server.aio import Signal
+from optserve.server.aio import Signal, offload
 
 
 class Progress:
@@ -80,6 +80,15 @@ class Result:
                                dropped=self.dropped is not None,
                                drop_reason=self.dropped.value if self.dropped else "",
                                last_step=self.last_step)
+
+    async def into(self, region: np.ndarray) -> None:
+        """Puts the payload into `region` (a worker's segment) once the step has written
+        all of it; a payload the step wrote there already is not copied."""
+        n = len(self.payload)
+        if self.progress is not None and n:
+            await self.progress.wait(n)
+        if n and self.payload.ctypes.data != region.ctypes.data:
+            await offload(np.copyto, region[:n], self.payload)
 
     async def chunks(self) -> AsyncIterator[RawChunk]:
         """The payload in chunks, each as soon as the step has written it."""

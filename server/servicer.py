@@ -22,6 +22,7 @@ from optserve.proto.wire import Assembler, RawChunk, Undecodable, chunked
 from optserve.server.aio import offload
 from optserve.server.budget import Budget
 from optserve.server.reply import Result
+from optserve.server.segments import Segment
 from optserve.server.store import ShardStore
 
 log = logging.getLogger("optserve.server")
@@ -132,10 +133,20 @@ class OptimizerServicer:
     async def Step(self, requests, context):
         header, body = await self._split(requests, "Step")
 
-        async def send(result: Result) -> None:
-            await self._write(context, [pb.StepResponse(header=result.header())])
-            await self._write(context, result.chunks())
+        async def send(result: Result, segment: Segment | None) -> None:
+            if segment is None:
+                await self._write(context, [pb.StepResponse(header=result.header())])
+                await self._write(context, result.chunks())
+                return
+            await result.into(segment.reply)
+            reply = result.header()
+            reply.shared_memory = True
+            await self._write(context, [pb.StepResponse(header=reply)])
         await self.store.step(header, body, send)
+
+    @translate_errors
+    async def AttachSharedMemory(self, request, context):
+        return await offload(self.store.job(request.job).attach, request.worker, request.session)
 
     @translate_errors
     async def PullParameters(self, request, context):

@@ -106,7 +106,7 @@ class Stepper:
         first = rnd.contributions[min(rnd.contributions)]
         version = job.version + 1
         result = Result(version, [job.tensors[k] for k in shown],
-                        job.state.reply_buffer(job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
+                        self._reply_buffer(rnd, job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
                         job.param_dtype, DropReason.NONFINITE if skip else None)
         due = not skip and job.checkpoint_every and version % job.checkpoint_every == 0
         steps_after = {**job.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
@@ -126,6 +126,15 @@ class Stepper:
         if not inline:
             self._submit(work)
         return result
+
+    def _reply_buffer(self, rnd: Round, nbytes: int) -> np.ndarray:
+        """Where the step writes its reply: straight into the worker's segment when the
+        reply is that worker's alone and the state encodes into host memory (nothing to
+        copy afterwards), else a pooled buffer that each worker's call sends or copies."""
+        (c, *others) = rnd.contributions.values()
+        if not others and c.reply_to is not None and getattr(self.job.state, "encodes_to_host", False):
+            return c.reply_to[:nbytes]
+        return self.job.state.reply_buffer(nbytes)
 
     def _submit(self, work: StepWork) -> None:
         """Hands a settled step to the stepper thread. Called with job.cond held."""

@@ -17,6 +17,7 @@ from optserve.proto.spec import (MAX_DIMS, MAX_NAME_BYTES, WIRE_ITEMSIZE, dtype_
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import RawChunk
 from optserve.server.config import Limits
+from optserve.server.segments import Segment, SegmentBudget
 from optserve.server.job import Job
 from optserve.server.reply import Result
 
@@ -38,6 +39,7 @@ class ShardStore:
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every if checkpointer is not None else 0
         self.barrier_timeout = barrier_timeout
+        self.segments = SegmentBudget(limits.shared_memory, limits.max_shared_memory_bytes)
         self.jobs: dict[str, Job] = {}
         self.deleting: set[str] = set()   # names whose DeleteJob is still cleaning up
         self.lock = threading.Lock()
@@ -77,13 +79,13 @@ class ShardStore:
         log.info("deleted job %r", name)
 
     async def step(self, header: pb.StepHeader, body: AsyncIterable[RawChunk],
-                   send: Callable[[Result], Awaitable[None]]) -> None:
+                   send: Callable[[Result, Segment | None], Awaitable[None]]) -> None:
         """Runs a Step; `send` streams its result to the worker, timed as the send phase."""
         job = self.job(header.job)
 
-        async def timed(result: Result) -> None:
+        async def timed(result: Result, segment) -> None:
             start = time.perf_counter()
-            await send(result)
+            await send(result, segment)
             job.observer.sent(job, len(result.payload), time.perf_counter() - start)
         await job.step(header, body, timed)
 
@@ -141,7 +143,7 @@ class ShardStore:
 
     def _new_job(self, spec: pb.JobSpec, shard: int, params: np.ndarray) -> Job:
         return Job(spec, shard, self.backend, params, self.barrier_timeout, self.observer,
-                   self.checkpointer, self.checkpoint_every, self.check_fault)
+                   self.checkpointer, self.checkpoint_every, self.check_fault, self.segments)
 
     def restore_all(self) -> None:
         """Restores every job from its newest checkpoint that verifies and loads. A defect

@@ -192,7 +192,7 @@ class StepRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class StepHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype", "version", "session", "nonfinite")
+    __slots__ = ("job", "worker", "step", "tensors", "groups", "dtype", "version", "session", "nonfinite", "shared_memory_key")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class StepHeader(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_KEY_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
@@ -211,7 +212,8 @@ class StepHeader(_message.Message):
     version: int
     session: str
     nonfinite: bool
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ..., session: _Optional[str] = ..., nonfinite: _Optional[bool] = ...) -> None: ...
+    shared_memory_key: bytes
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[Hyperparameters, _Mapping]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ..., session: _Optional[str] = ..., nonfinite: _Optional[bool] = ..., shared_memory_key: _Optional[bytes] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -222,7 +224,7 @@ class StepResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step")
+    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step", "shared_memory")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,7 @@ class TensorHeader(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     DROP_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
@@ -237,7 +240,46 @@ class TensorHeader(_message.Message):
     dropped: bool
     drop_reason: str
     last_step: int
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class AttachSharedMemoryRequest(_message.Message):
+    __slots__ = ("job", "worker", "session")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    session: str
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class AttachSharedMemoryResponse(_message.Message):
+    __slots__ = ("host", "reason")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    host: HostSegment
+    reason: str
+    def __init__(self, host: _Optional[_Union[HostSegment, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class HostSegment(_message.Message):
+    __slots__ = ("pid", "fd", "size", "key_sha256", "gradient_offset", "gradient_bytes", "reply_offset", "reply_bytes")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    size: int
+    key_sha256: bytes
+    gradient_offset: int
+    gradient_bytes: int
+    reply_offset: int
+    reply_bytes: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., size: _Optional[int] = ..., key_sha256: _Optional[bytes] = ..., gradient_offset: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., reply_offset: _Optional[int] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class PullParametersRequest(_message.Message):
     __slots__ = ("job",)

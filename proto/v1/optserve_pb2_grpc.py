@@ -44,6 +44,11 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.AttachSharedMemory = channel.unary_unary(
+                '/optserve.v1.Optimizer/AttachSharedMemory',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.FromString,
+                _registered_method=True)
         self.PullParameters = channel.unary_stream(
                 '/optserve.v1.Optimizer/PullParameters',
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.PullParametersRequest.SerializeToString,
@@ -97,6 +102,16 @@ class OptimizerServicer:
     def Step(self, request_iterator, context):
         """One optimizer step: a header, then the gradient chunks in; the result
         header, then the updated parameters in chunks, out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachSharedMemory(self, request, context):
+        """A worker on the shard's host asks, after RegisterJob, for a shared-memory segment of
+        its own: its steps then put the gradient there and get the parameters back there, and
+        the Step stream carries only the headers. A worker that cannot map the segment (another
+        host, container or PID namespace) or finds another key in it uses the chunks as before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +180,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepRequest.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepResponse.SerializeToString,
+            ),
+            'AttachSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSharedMemory,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.SerializeToString,
             ),
             'PullParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.PullParameters,
@@ -256,6 +276,33 @@ class Optimizer:
             '/optserve.v1.Optimizer/Step',
             optserve_dot_proto_dot_v1_dot_optserve__pb2.StepRequest.SerializeToString,
             optserve_dot_proto_dot_v1_dot_optserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/AttachSharedMemory',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
