@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 
 import grpc
@@ -15,7 +14,7 @@ import torch
 
 from optserve.client.payloads import TORCH_WIRE, check_reply
 from optserve.proto.errors import OptserveError
-from optserve.proto.spec import SEGMENT_KEY_BYTES
+from optserve.proto.shared_memory import KEY_BYTES, map_fd
 from optserve.proto.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.client")
@@ -36,16 +35,16 @@ class Segment:
                     or described.gradient_offset + described.gradient_bytes > size
                     or described.reply_offset + described.reply_bytes > size):
                 raise ValueError("the segment's size or regions do not match the job's")
-            self._map = mmap.mmap(fd, size)
+            memory = torch.from_numpy(map_fd(fd, size))
         finally:
             os.close(fd)
-        self.key = bytes(self._map[:SEGMENT_KEY_BYTES])
+        self.key = memory[:KEY_BYTES].numpy().tobytes()
         if hashlib.sha256(self.key).digest() != described.key_sha256:
-            self.close()
             raise ValueError("the segment holds another key: not the shard's (another PID namespace)")
-        self.reply_offset, self.reply_bytes = described.reply_offset, described.reply_bytes
         self.tensors = set(tensors)
-        flat = torch.frombuffer(self._map, dtype=wire, count=numel, offset=described.gradient_offset)
+        grad_at = described.gradient_offset
+        flat = memory[grad_at:grad_at + numel * itemsize].view(wire)
+        self.reply = memory[described.reply_offset:described.reply_offset + described.reply_bytes]
         self.slots: dict[int, torch.Tensor] = {}     # spec index -> its gradient's place
         start = 0
         for t in tensors:
@@ -66,13 +65,10 @@ class Segment:
                                 "header that points into the segment")
         header = messages[0].header
         targets = check_reply(header, self.tensors, params)
-        if header.total_bytes > self.reply_bytes:
+        if header.total_bytes > len(self.reply):
             raise OptserveError(f"the shard's reply of {header.total_bytes} bytes overruns the "
-                                f"segment's {self.reply_bytes}")
-        wire = TORCH_WIRE[header.dtype]
-        itemsize = torch.empty((), dtype=wire).element_size()
-        values = torch.frombuffer(self._map, dtype=wire, count=header.total_bytes // itemsize,
-                                  offset=self.reply_offset) if header.total_bytes else None
+                                f"segment's {len(self.reply)}")
+        values = self.reply[:header.total_bytes].view(TORCH_WIRE[header.dtype])
         start = 0
         for p in targets:
             p.data.copy_(values[start:start + p.numel()].view(p.shape))
@@ -80,11 +76,8 @@ class Segment:
         return header
 
     def close(self) -> None:
-        self.slots = {}
-        try:
-            self._map.close()
-        except BufferError:   # a view is still alive somewhere: the mapping goes with it
-            pass
+        """Lets go of the mapping: it is unmapped once no view of it is left."""
+        self.slots, self.reply = {}, None
 
 
 def attach(stub, job: str, worker: int, session: str, timeout: float | None,

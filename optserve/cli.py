@@ -35,6 +35,7 @@ def _server(args: argparse.Namespace) -> int:
                  if args.tls_cert or args.tls_key or args.tls_client_ca else None),
             tokens=load_tokens(args.tokens_file) if args.tokens_file else None,
             advertise_address=args.advertise_address, health_port=args.health_port,
+            unix_socket=args.unix_socket,
             limits=Limits(max_jobs=args.max_jobs, max_params_per_job=args.max_params_per_job,
                           max_state_bytes=args.max_state_bytes or half_of_memory(),
                           max_device_bytes=args.max_device_bytes, max_workers=args.max_workers,
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also serve grpc.health.v1, and nothing else, in plaintext on this "
                              "port: for probes that speak no TLS, such as Kubernetes' gRPC "
                              "probes (default: none; health is always on --port too)")
+    server.add_argument("--unix-socket", default=None, metavar="PATH",
+                        help="also serve on this Unix socket, mode 0600 (workers on this host "
+                             "dial unix:PATH; default: none)")
     server.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one JSON object a line (time, level, logger, message, "
                              "exception), for a cluster's log pipeline")

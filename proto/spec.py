@@ -19,8 +19,6 @@ from optserve.proto.v1 import optserve_pb2 as pb
 MAX_NAME_BYTES = 256      # UTF-8
 # A shape is in every header entry of its tensor's state: bounded, so is the header.
 MAX_DIMS = 8
-# The random key at the start of a shared-memory segment (server/segments.py).
-SEGMENT_KEY_BYTES = 32
 
 WIRE_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -131,11 +132,16 @@ class ShardServer:
             if self.health_port == 0:
                 raise OSError(f"could not bind the health port {address}: the port is taken, "
                               "or the host is not an address of this machine")
-        address = host_port(config.host, config.port)
+        if config.unix_socket:
+            if self._add_port(f"unix:{config.unix_socket}") == 0:
+                raise OSError(f"could not bind the Unix socket {config.unix_socket}")
+        return self._add_port(host_port(config.host, config.port))
+
+    def _add_port(self, address: str) -> int:
         try:
-            if config.tls is None:
+            if self.config.tls is None:
                 return self.server.add_insecure_port(address)
-            return self.server.add_secure_port(address, config.tls.credentials())
+            return self.server.add_secure_port(address, self.config.tls.credentials())
         except RuntimeError:   # grpcio's "Failed to bind"
             return 0
 
@@ -157,6 +163,9 @@ class ShardServer:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._call(start())
+        if self.config.unix_socket:   # only this user's processes may connect
+            os.chmod(self.config.unix_socket, 0o600)
+            log.info("also serving on unix:%s", self.config.unix_socket)
         self.metrics.up.set(1)
         log.info("shard serving on %s (bound to %s, backend %s)", self.address,
                  host_port(self.host, self.port), self.backend.name)
@@ -201,6 +210,7 @@ class ShardServer:
             if self.fault is None:
                 self.unsaved = self.store.checkpoint_all()
         finally:
+            self.store.release_segments()
             if self.store.checkpointer is not None:
                 self.store.checkpointer.unlock()
             if self._metrics_http is not None:

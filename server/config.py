@@ -90,6 +90,7 @@ class ShardConfig:
     # and logs; None: host, or this machine's host name when host is a wildcard (0.0.0.0)
     advertise_address: str | None = None
     health_port: int | None = None       # plaintext, grpc.health.v1 only (probes of a TLS shard)
+    unix_socket: str | None = None       # also serve on this Unix socket (workers dial unix:PATH)
     device: str = "auto"                 # auto, cpu, cuda or reference (kernels.get_backend)
     max_threads: int = 64                # the worker pool that does the calls' work
     max_rpcs: int = 4096                 # calls open at once; beyond it RESOURCE_EXHAUSTED

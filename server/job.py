@@ -305,9 +305,13 @@ class Job:
             self.stepper.wait_idle()
         self.stepper.shutdown()
         self.state.release()
-        for segment in self.segments.values():
+        self.release_segments()
+
+    def release_segments(self) -> None:
+        with self.cond:
+            segments, self.segments = list(self.segments.values()), {}
+        for segment in segments:
             self.segment_budget.free(segment)
-        self.segments.clear()
 
     # ---- reads and writes ---------------------------------------------------------------
     def pull(self) -> Result:

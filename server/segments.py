@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from optserve.proto.errors import FailedPrecondition
-from optserve.proto.spec import SEGMENT_KEY_BYTES
+from optserve.proto.shared_memory import KEY_BYTES, map_fd
 from optserve.proto.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.server")
@@ -46,7 +46,7 @@ class Segment:
     """One worker's segment: [key | pad][gradient region][reply region], page aligned."""
 
     def __init__(self, gradient_bytes: int, reply_bytes: int):
-        self.key = os.urandom(SEGMENT_KEY_BYTES)
+        self.key = os.urandom(KEY_BYTES)
         self.gradient_offset = _PAGE
         self.reply_offset = self.gradient_offset + _pages(gradient_bytes)
         self.size = self.reply_offset + _pages(reply_bytes)
@@ -55,12 +55,11 @@ class Segment:
             os.ftruncate(self.fd, self.size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self._map = mmap.mmap(self.fd, self.size)
+            whole = map_fd(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
             raise
-        self._map[:SEGMENT_KEY_BYTES] = self.key
-        whole = np.frombuffer(self._map, np.uint8)
+        whole[:KEY_BYTES] = np.frombuffer(self.key, np.uint8)
         self.gradient = whole[self.gradient_offset:self.gradient_offset + gradient_bytes]
         self.reply = whole[self.reply_offset:self.reply_offset + reply_bytes]
 

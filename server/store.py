@@ -89,6 +89,11 @@ class ShardStore:
             job.observer.sent(job, len(result.payload), time.perf_counter() - start)
         await job.step(header, body, timed)
 
+    def release_segments(self) -> None:
+        """Closes every job's shared-memory segments: a stopped shard offers none."""
+        for job in list(self.jobs.values()):
+            job.release_segments()
+
     def _check_counts(self, spec: pb.JobSpec) -> None:
         """Refuses a spec with more workers, shards, tensors or groups than the shard takes,
         before anything is placed or allocated for them."""
