@@ -60,6 +60,7 @@ RUN_TIMEOUT_S = 600.0                       # one configuration, setup included
 
 IMPL_OPTSERVE, IMPL_CEILING, IMPL_RAW, IMPL_DDP = ("optserve", "grpc-ceiling", "grpc-raw-ceiling",
                                                    "ddp-gloo+fused-adamw")
+IMPL_SHM, IMPL_MEMCPY = "optserve-shm", "memcpy-ceiling"
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -190,17 +191,37 @@ def _make_params(case: Case, rank: int):
     return _PARAMS[key]
 
 
-def optserve_worker(rank: int, case: Case, target: tuple[Endpoints, str], barrier) -> dict:
+def optserve_worker(rank: int, case: Case, target: tuple[Endpoints, str, bool], barrier) -> dict:
+    """`target` is (the shards, the job, whether to step through shared memory)."""
     from optserve.client import RemoteOptimizer
-    servers, job = target
+    servers, job, shared = target
     opt = RemoteOptimizer(_make_params(case, rank), "adamw", servers=servers.addresses, job=job,
                           rank=rank,
                           world_size=case.workers, grad_dtype=case.wire_dtype,
-                          param_dtype=case.wire_dtype, **HYPER)
+                          param_dtype=case.wire_dtype, shared_memory=shared, **HYPER)
     try:
+        expected = "shared_memory" if shared else "grpc"
+        if opt.data_paths != [expected] * case.shards:
+            raise RuntimeError(f"the steps would travel as {opt.data_paths}, not {expected}")
         return _timed_steps(case, barrier, opt.step, rank, servers.pids)
     finally:
         opt.close()
+
+
+def memcpy_worker(rank: int, case: Case, target: None, barrier) -> dict:
+    """The least a same-host step can move: one copy of the gradient's bytes into a buffer
+    another process could read, and one copy of the parameters' bytes back out of one."""
+    import torch
+    tune_malloc()
+    wire = getattr(torch, case.wire_dtype)
+    grads = torch.randn(case.model.numel).to(wire)
+    params = torch.empty(case.model.numel, dtype=wire)
+    inbox, outbox = torch.empty_like(grads), torch.randn(case.model.numel).to(wire)
+
+    def step() -> None:
+        inbox.copy_(grads)
+        params.copy_(outbox)
+    return _timed_steps(case, barrier, step, rank, [])
 
 
 def ceiling_worker(rank: int, case: Case, target: tuple[Endpoints, bool], barrier) -> dict:
@@ -401,7 +422,7 @@ class Servers:
 def shard_argv(backend: str) -> list[str]:
     # One kernel thread, as the workers run torch with one: the processes outnumber the
     # cores, and a parallel region waits for a core that another process holds.
-    return local.shard_command("--device", backend, "--threads", "1")
+    return local.shard_command("--device", backend, "--threads", os.environ.get("PROBE_THREADS", "1"))
 
 
 def echo_argv() -> list[str]:
@@ -493,14 +514,18 @@ def summarize(impl: str, case: Case, reports: list[dict], device: str,
 
 
 def measure_optserve(pool: WorkerPool, case: Case, backend: str, log_dir: Path, device: str,
-                     tag: str) -> dict:
+                     tag: str, shared: bool = False) -> dict:
     """Fresh shards for every measurement: no other job's state shares their memory."""
     with Servers(shard_argv(backend), case.shards, log_dir, f"shard-{tag}") as shards:
         job = f"e2e-{os.getpid()}-{tag}"
-        reports = pool.run(optserve_worker, case, (shards.endpoints, job))
-    record = summarize(IMPL_OPTSERVE, case, reports, device, case.shards)
+        reports = pool.run(optserve_worker, case, (shards.endpoints, job, shared))
+    record = summarize(IMPL_SHM if shared else IMPL_OPTSERVE, case, reports, device, case.shards)
     record["backend"] = backend
     return record
+
+
+def measure_memcpy(pool: WorkerPool, case: Case, device: str) -> dict:
+    return summarize(IMPL_MEMCPY, case, pool.run(memcpy_worker, case, None), device, None)
 
 
 def measure_ceiling(pool: WorkerPool, case: Case, echo: Endpoints, device: str,
@@ -560,11 +585,13 @@ def plan(quick: bool) -> list[Group]:
 
 def measure_group(group: Group, echo: Endpoints, backend: str, log_dir: Path, device: str,
                   tag: str) -> list[dict]:
-    """DDP once per wire dtype; both ceilings then optserve, back to back, per shard count."""
+    """DDP and the memory-copy ceiling once per wire dtype; both gRPC ceilings, then
+    optserve over gRPC and over shared memory, back to back, per shard count."""
     records = []
     with WorkerPool(group.workers) as pool:
         for base, shard_counts in group.cases():
             records.append(_logged(measure_ddp(pool, base, device)))
+            records.append(_logged(measure_memcpy(pool, base, device)))
             for shards in shard_counts:
                 case = replace(base, shards=shards)
                 ceiling = _logged(measure_ceiling(pool, case, echo.first(shards), device, raw=False))
@@ -572,7 +599,9 @@ def measure_group(group: Group, echo: Endpoints, backend: str, log_dir: Path, de
                 mine = measure_optserve(pool, case, backend, log_dir, device,
                                         f"{tag}-{case.wire_dtype}-{shards}")
                 compare(mine, ceiling, raw)
-                records += [ceiling, raw, _logged(mine)]
+                shared = measure_optserve(pool, case, backend, log_dir, device,
+                                          f"{tag}-{case.wire_dtype}-{shards}-shm", shared=True)
+                records += [ceiling, raw, _logged(mine), _logged(shared)]
     return records
 
 

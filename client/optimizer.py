@@ -344,13 +344,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._shards.stubs[shard].Step(requests(), timeout=self._shards.rpc_timeout), self._params))
 
     def _step_shared(self, shard: int, header: pb.StepHeader, tensors: list[int]) -> pb.TensorHeader:
-        """The step through the shard's segment: the stream carries the two headers."""
+        """The step through the shard's segment: a unary call carries the two headers."""
         segment = self._segments[shard]
         segment.pack(self._params, tensors)
         header.shared_memory_key = segment.key
         return self._shards.retrying(lambda: segment.receive(
-            self._shards.stubs[shard].Step(iter([pb.StepRequest(header=header)]),
-                                           timeout=self._shards.rpc_timeout), self._params))
+            self._shards.stubs[shard].StepShared(header, timeout=self._shards.rpc_timeout),
+            self._params))
 
     def _pull(self, shard: int) -> None:
         """Overwrites this shard's parameters with its current values."""

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol
 import numpy as np
 
 from optserve.kernels import convert
+from optserve.kernels.mean import mean as rank_mean
 from optserve.kernels.layout import FlatLayout, FlatState
-from optserve.proto.errors import InvalidArgument
 from optserve.proto.spec import WIRE_ITEMSIZE, WIRE_NAMES
 from optserve.proto.v1 import optserve_pb2 as pb
 from optserve.proto.wire import CHUNK_BYTES, Assembler, RawChunk
@@ -62,7 +62,7 @@ class JobState(Protocol):
                        what: str) -> GradientReceiver:
         """A receiver for `worker`'s gradient of `tensors` that lies in `region` (uint8, a
         shared-memory segment's: every tensor at its place in the flat layout, as `wire`),
-        taken when it finishes; it sends no chunks."""
+        taken by `finish()` alone (no chunks are added)."""
 
     def first_nonfinite(self, worker: int, tensors: np.ndarray) -> int:
         """The first of `tensors` whose received gradient holds a NaN or an Inf."""
@@ -203,11 +203,10 @@ class HostState:
             spans = [(int(layout.offsets[k]), int(layout.sizes[k]),
                       [w for i, w in enumerate(ranks) if sent[i, k]]) for k in part]
         for o, n, who in spans:
-            mean = self.mean[o:o + n]
-            np.copyto(mean, self.grads[who[0]][o:o + n])
-            for w in who[1:]:
-                mean += self.grads[w][o:o + n]
-            mean /= np.float32(len(who))
+            if len(who) == 1:
+                np.copyto(self.mean[o:o + n], self.grads[who[0]][o:o + n])
+            else:
+                rank_mean(self.mean[o:o + n], [self.grads[w][o:o + n] for w in who])
         return self.mean
 
     def reply_buffer(self, nbytes: int) -> np.ndarray:
@@ -260,9 +259,6 @@ class FromSegment:
         self.receiver, self.region, self.runs, self.itemsize = receiver, region, runs, itemsize
         self.total = receiver.total
 
-    def add(self, chunk: RawChunk) -> None:
-        raise InvalidArgument("a step whose gradient is in shared memory sends no chunks")
-
     def finish(self) -> bool:
         pos, size = 0, self.itemsize
         for o, n in self.runs:
@@ -282,9 +278,6 @@ class InPlace:
                  runs: list[tuple[int, int]]):
         self.state, self.worker, self.values, self.runs = state, worker, values, runs
         self.total = 4 * sum(n for _, n in runs)
-
-    def add(self, chunk: RawChunk) -> None:
-        raise InvalidArgument("a step whose gradient is in shared memory sends no chunks")
 
     def finish(self) -> bool:
         finite = all(convert.all_finite(self.values[o:o + n]) for o, n in self.runs)

@@ -70,6 +70,7 @@ class Job:
         self.deleted = False
         self.segment_budget = segment_budget or SegmentBudget()
         self.segments: dict[int, Segment] = {}    # worker -> its shared-memory segment
+        self.rounds: Segment | None = None        # sync, several workers: every worker's replies
         self.admission = Admission(self)
         self.barrier = Barrier(self)
         self.stepper = Stepper(self)
@@ -113,7 +114,7 @@ class Job:
                 async for _ in chunks:   # the gradient of an answered step is not needed
                     pass
                 return await send(early, segment)
-            seconds = await gate.receive(header, receiver, chunks)
+            seconds = 0.0 if segment else await gate.receive(header, receiver, chunks)
             c, outcome = await offload(self._received, header, receiver, seconds, segment)
             if isinstance(outcome, Round):
                 outcome = await self.barrier.wait(outcome, c)
@@ -204,10 +205,18 @@ class Job:
         if not session or holder != session:
             raise FailedPrecondition(f"job {self.name!r}: worker {worker} is not held by this "
                                      "client: register it (RegisterJob) before attaching")
+        reply_bytes = self.layout.numel * WIRE_ITEMSIZE[self.param_dtype]
+        if self.sync and self.spec.num_workers > 1 and self.rounds is None:
+            rounds = self.segment_budget.new(f"job {self.name!r} rounds", 0, reply_bytes)
+            if isinstance(rounds, str):
+                return pb.AttachSharedMemoryResponse(reason=rounds)
+            with self.cond:
+                rounds, self.rounds = (rounds, None) if self.rounds else (None, rounds)
+            if rounds is not None:   # another worker's attach made it first
+                self.segment_budget.free(rounds)
         made = self.segment_budget.new(
             f"job {self.name!r} worker {worker}",
-            self.layout.numel * WIRE_ITEMSIZE[self.spec.grad_dtype],
-            self.layout.numel * WIRE_ITEMSIZE[self.param_dtype])
+            self.layout.numel * WIRE_ITEMSIZE[self.spec.grad_dtype], reply_bytes)
         if isinstance(made, str):
             return pb.AttachSharedMemoryResponse(reason=made)
         with self.cond:
@@ -215,9 +224,11 @@ class Job:
                 self.segment_budget.free(made)
                 self.check_not_deleted()
             old, self.segments[worker] = self.segments.get(worker), made
+            rounds = self.rounds
         if old is not None:
             self.segment_budget.free(old)
-        return pb.AttachSharedMemoryResponse(host=made.describe())
+        return pb.AttachSharedMemoryResponse(host=made.describe(),
+                                             rounds=rounds.describe() if rounds else None)
 
     def join(self, worker: int, session: str = "", resume: bool = False) -> tuple[int, int]:
         """A worker (re)joins, held from now on by the client of `session`; returns (version,
@@ -310,6 +321,9 @@ class Job:
     def release_segments(self) -> None:
         with self.cond:
             segments, self.segments = list(self.segments.values()), {}
+            if self.rounds is not None:
+                segments.append(self.rounds)
+                self.rounds = None
         for segment in segments:
             self.segment_budget.free(segment)
 

@@ -73,6 +73,7 @@ class Result:
     dropped: DropReason | None = None   # the gradient was not applied, and why
     last_step: int = 0            # rolled back: the worker's last step the job holds
     progress: Progress | None = None    # while a step still writes the payload
+    in_rounds_segment: bool = False     # the payload lies in the job's rounds segment
 
     def header(self) -> pb.TensorHeader:
         return pb.TensorHeader(version=self.version, tensors=self.tensors,
@@ -83,11 +84,11 @@ class Result:
 
     async def into(self, region: np.ndarray) -> None:
         """Puts the payload into `region` (a worker's segment) once the step has written
-        all of it; a payload the step wrote there already is not copied."""
+        all of it; a payload the step wrote there, or into the rounds segment, stays."""
         n = len(self.payload)
         if self.progress is not None and n:
             await self.progress.wait(n)
-        if n and self.payload.ctypes.data != region.ctypes.data:
+        if n and not self.in_rounds_segment and self.payload.ctypes.data != region.ctypes.data:
             await offload(np.copyto, region[:n], self.payload)
 
     async def chunks(self) -> AsyncIterator[RawChunk]:

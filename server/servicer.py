@@ -52,6 +52,11 @@ def translate_errors(method):
     return wrapper
 
 
+async def _no_chunks() -> AsyncIterator[RawChunk]:
+    return
+    yield
+
+
 @dataclass(frozen=True)
 class Streams:
     """How long a call may wait on its client: for its next message, or for it to take the
@@ -132,17 +137,28 @@ class OptimizerServicer:
     @translate_errors
     async def Step(self, requests, context):
         header, body = await self._split(requests, "Step")
+        if header.shared_memory_key:
+            raise InvalidArgument("Step: a stream carries its gradient in chunks; a step whose "
+                                  "gradient is in shared memory is a StepShared call")
 
-        async def send(result: Result, segment: Segment | None) -> None:
-            if segment is None:
-                await self._write(context, [pb.StepResponse(header=result.header())])
-                await self._write(context, result.chunks())
-                return
-            await result.into(segment.reply)
-            reply = result.header()
-            reply.shared_memory = True
-            await self._write(context, [pb.StepResponse(header=reply)])
+        async def send(result: Result, _segment: None) -> None:
+            await self._write(context, [pb.StepResponse(header=result.header())])
+            await self._write(context, result.chunks())
         await self.store.step(header, body, send)
+
+    @translate_errors
+    async def StepShared(self, request, context):
+        if not request.shared_memory_key:
+            raise InvalidArgument("StepShared: no shared_memory_key (the worker's segment)")
+        answer = []
+
+        async def send(result: Result, segment: Segment) -> None:
+            await result.into(segment.reply)
+            answer.append(result.header())
+            answer[0].shared_memory = True
+            answer[0].in_rounds_segment = result.in_rounds_segment
+        await self.store.step(request, _no_chunks(), send)
+        return answer[0]
 
     @translate_errors
     async def AttachSharedMemory(self, request, context):

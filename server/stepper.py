@@ -105,9 +105,10 @@ class Stepper:
         shown = np.arange(n) if skip else np.flatnonzero(active)
         first = rnd.contributions[min(rnd.contributions)]
         version = job.version + 1
-        result = Result(version, [job.tensors[k] for k in shown],
-                        self._reply_buffer(rnd, job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype])),
-                        job.param_dtype, DropReason.NONFINITE if skip else None)
+        payload, in_rounds = self._reply_buffer(
+            rnd, job.payload_bytes(shown, WIRE_ITEMSIZE[job.param_dtype]))
+        result = Result(version, [job.tensors[k] for k in shown], payload, job.param_dtype,
+                        DropReason.NONFINITE if skip else None, in_rounds_segment=in_rounds)
         due = not skip and job.checkpoint_every and version % job.checkpoint_every == 0
         steps_after = {**job.worker_step, **{w: c.step for w, c in rnd.contributions.items()}}
         work = StepWork(version, dict(rnd.contributions), skip, active, shown,
@@ -127,14 +128,25 @@ class Stepper:
             self._submit(work)
         return result
 
-    def _reply_buffer(self, rnd: Round, nbytes: int) -> np.ndarray:
-        """Where the step writes its reply: straight into the worker's segment when the
-        reply is that worker's alone and the state encodes into host memory (nothing to
-        copy afterwards), else a pooled buffer that each worker's call sends or copies."""
-        (c, *others) = rnd.contributions.values()
-        if not others and c.reply_to is not None and getattr(self.job.state, "encodes_to_host", False):
-            return c.reply_to[:nbytes]
-        return self.job.state.reply_buffer(nbytes)
+    def _reply_buffer(self, rnd: Round, nbytes: int) -> tuple[np.ndarray, bool]:
+        """Where the step writes its reply, and whether that is the job's rounds segment.
+        When every worker of the round steps through shared memory and the state encodes
+        into host memory, straight into shared memory (nothing to copy afterwards): the
+        worker's own segment when it is alone, else the rounds segment, which they all read.
+        Else a pooled buffer that each worker's call sends or copies.
+
+        The rounds segment is written again by the next round, which needs every worker's
+        next gradient, sent once it has read this reply: only a worker the round did not
+        wait for (backup workers, on_timeout="proceed") can still be reading, and its next
+        gradient is then late, answered with the job's parameters in full."""
+        job, contributions = self.job, list(rnd.contributions.values())
+        if getattr(job.state, "encodes_to_host", False) and all(
+                c.reply_to is not None for c in contributions):
+            if len(contributions) == 1:
+                return contributions[0].reply_to[:nbytes], False
+            if job.rounds is not None:
+                return job.rounds.reply[:nbytes], True
+        return job.state.reply_buffer(nbytes), False
 
     def _submit(self, work: StepWork) -> None:
         """Hands a settled step to the stepper thread. Called with job.cond held."""

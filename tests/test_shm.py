@@ -194,18 +194,20 @@ def _write_gradient(opt, values: np.ndarray) -> None:
 
 def test_a_step_with_a_wrong_key_is_refused(shm_job):
     opt, stub = shm_job
-    refused(stub, lambda: send_step(stub, step_header(opt, session=opt._session,
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session,
                                                       shared_memory_key=b"x" * 32)),
             grpc.StatusCode.FAILED_PRECONDITION, "no shared-memory segment with this key")
 
 
-def test_a_shared_memory_step_with_chunks_is_refused(shm_job):
+def test_a_step_must_say_where_its_gradient_is(shm_job):
     opt, stub = shm_job
     n = sum(int(np.prod(t.shape)) for t in opt.spec.tensors)
     refused(stub, lambda: send_step(stub, step_header(opt, session=opt._session,
                                                       shared_memory_key=_key(opt)),
                                     np.zeros(n, "<f4").tobytes()),
-            grpc.StatusCode.INVALID_ARGUMENT, "sends no chunks")
+            grpc.StatusCode.INVALID_ARGUMENT, "is a StepShared call")
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session)),
+            grpc.StatusCode.INVALID_ARGUMENT, "no shared_memory_key")
 
 
 def test_a_non_finite_gradient_in_the_segment_is_refused(shm_job):
@@ -213,7 +215,7 @@ def test_a_non_finite_gradient_in_the_segment_is_refused(shm_job):
     values = np.full(len(_gradient(opt)), 0.01, np.float32)
     values[17] = np.nan
     _write_gradient(opt, values)
-    refused(stub, lambda: send_step(stub, step_header(opt, session=opt._session,
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session,
                                                       shared_memory_key=_key(opt))),
             grpc.StatusCode.INVALID_ARGUMENT, "non-finite gradient")
 
@@ -253,9 +255,9 @@ def test_a_retried_step_is_applied_once(shm_job):
     reference.load_state_dict(opt.state_dict())
     _write_gradient(opt, np.full(len(_gradient(opt)), 0.01, np.float32))
     header = step_header(opt, session=opt._session, shared_memory_key=_key(opt))
-    first, again = send_step(stub, header), send_step(stub, header)
-    assert first[0].header.version == again[0].header.version == opt._version[0] + 1
-    assert first[0].header.shared_memory and again[0].header.shared_memory
+    first, again = stub.StepShared(header), stub.StepShared(header)
+    assert first.version == again.version == opt._version[0] + 1
+    assert first.shared_memory and again.shared_memory
     for p in params:
         p.grad = torch.full_like(p, 0.01)
     reference.step()
@@ -311,7 +313,7 @@ def test_segments_go_with_their_job_and_their_shard(shard):
     model = make_model()
     opts = [RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="gone",
                             lr=LR, rank=r, world_size=2) for r in range(2)]
-    assert _fds_named(pid, "optserve-segment") == 2
+    assert _fds_named(pid, "optserve-segment") == 3   # one per worker, and the rounds'
     opts[0].delete_job()
     opts[1].close(leave=False)
     deadline = time.monotonic() + 5

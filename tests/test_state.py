@@ -223,3 +223,17 @@ def test_host_load_and_write_round_trip(device):
     np.testing.assert_array_equal(layout.field_view(state.host(), "exp_avg", 2), value)
     with pytest.raises(ValueError, match="fit"):
         state.load(FlatState(new.param[:-1], new.fields, new.steps))
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_the_mean_kernel_is_the_numpy_mean_bit_for_bit(workers):
+    """kernels/mean.py folds the copy and the division into its sums: each value must still
+    be ((g0 + g1) + ...) / n rounded as NumPy's float32 operations round it."""
+    from optserve.kernels.mean import mean, mean_reference
+    rng = np.random.default_rng(workers)
+    grads = [(rng.standard_normal(10_001) * 10.0 ** rng.integers(-30, 30, 10_001)).astype(np.float32)
+             for _ in range(workers)]
+    want, got = np.empty(10_001, np.float32), np.empty(10_001, np.float32)
+    mean_reference(want, grads)
+    mean(got, grads)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

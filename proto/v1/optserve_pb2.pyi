@@ -224,7 +224,7 @@ class StepResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step", "shared_memory")
+    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step", "shared_memory", "in_rounds_segment")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class TensorHeader(_message.Message):
     DROP_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    IN_ROUNDS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
@@ -241,7 +242,8 @@ class TensorHeader(_message.Message):
     drop_reason: str
     last_step: int
     shared_memory: bool
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    in_rounds_segment: bool
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., in_rounds_segment: _Optional[bool] = ...) -> None: ...
 
 class AttachSharedMemoryRequest(_message.Message):
     __slots__ = ("job", "worker", "session")
@@ -254,12 +256,14 @@ class AttachSharedMemoryRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class AttachSharedMemoryResponse(_message.Message):
-    __slots__ = ("host", "reason")
+    __slots__ = ("host", "reason", "rounds")
     HOST_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     host: HostSegment
     reason: str
-    def __init__(self, host: _Optional[_Union[HostSegment, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    rounds: HostSegment
+    def __init__(self, host: _Optional[_Union[HostSegment, _Mapping]] = ..., reason: _Optional[str] = ..., rounds: _Optional[_Union[HostSegment, _Mapping]] = ...) -> None: ...
 
 class HostSegment(_message.Message):
     __slots__ = ("pid", "fd", "size", "key_sha256", "gradient_offset", "gradient_bytes", "reply_offset", "reply_bytes")

@@ -49,6 +49,11 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.StepShared = channel.unary_unary(
+                '/optserve.v1.Optimizer/StepShared',
+                request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepHeader.SerializeToString,
+                response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.TensorHeader.FromString,
+                _registered_method=True)
         self.PullParameters = channel.unary_stream(
                 '/optserve.v1.Optimizer/PullParameters',
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.PullParametersRequest.SerializeToString,
@@ -112,6 +117,15 @@ class OptimizerServicer:
         its own: its steps then put the gradient there and get the parameters back there, and
         the Step stream carries only the headers. A worker that cannot map the segment (another
         host, container or PID namespace) or finds another key in it uses the chunks as before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepShared(self, request, context):
+        """Step for a worker with a segment: the header in (the gradient is in the segment), the
+        result header out (the parameters are in the segment). A unary call: it costs a
+        fraction of a stream's setup, which at this size is most of the step's time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,6 +199,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.AttachSharedMemory,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.SerializeToString,
+            ),
+            'StepShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepShared,
+                    request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepHeader.FromString,
+                    response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.TensorHeader.SerializeToString,
             ),
             'PullParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.PullParameters,
@@ -303,6 +322,33 @@ class Optimizer:
             '/optserve.v1.Optimizer/AttachSharedMemory',
             optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.SerializeToString,
             optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optimizer/StepShared',
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.StepHeader.SerializeToString,
+            optserve_dot_proto_dot_v1_dot_optserve__pb2.TensorHeader.FromString,
             options,
             channel_credentials,
             insecure,
