@@ -32,14 +32,21 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/optserve demo
 
 # Run again against a `--device cuda` shard: on the GPU where there is one, else on the CuPy
-# test double (tests/fake_cupy), whose kernels run on a host emulation of the GPU.
+# test double (tests/fake_cupy), whose kernels run on a host emulation of the GPU. Over gRPC
+# streams, but for tests/test_shm.py.
 CUDA_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.py \
 	tests/test_errors.py tests/test_fuzz.py tests/test_state_dict.py tests/test_stepper.py \
 	tests/test_lifecycle.py tests/test_metrics.py
 
+# Run again with the steps on their gRPC streams: the first run takes shared memory wherever
+# a worker and its shard share this host (client/shm.py), which all of the tests' do.
+GRPC_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.py \
+	tests/test_errors.py tests/test_lifecycle.py tests/test_state_dict.py tests/test_stepper.py
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
-	OPTSERVE_TEST_DEVICE=cuda $(PY) -m pytest -q $(CUDA_SUITE)
+	OPTSERVE_SHARED_MEMORY=0 $(PY) -m pytest -q $(GRPC_SUITE)
+	OPTSERVE_TEST_DEVICE=cuda OPTSERVE_SHARED_MEMORY=0 $(PY) -m pytest -q $(CUDA_SUITE) tests/test_shm.py
 
 proto: $(VENV)/.installed
 	$(PY) proto/generate.py

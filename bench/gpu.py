@@ -410,8 +410,9 @@ def e2e(run: Run, result: dict) -> None:
                 argv = local.shard_command("--device", backend)
                 tag = f"{backend}-{model.label}"
                 with e2e_bench.Servers(argv, 1, log_dir, tag) as shards:
+                    # over gRPC, as the CPU figures it is compared with in bench/results
                     reports = pool.run(e2e_bench.optserve_worker, case,
-                                       (shards.endpoints, f"gpu-bench-{tag}"))
+                                       (shards.endpoints, f"gpu-bench-{tag}", False))
                 rec = e2e_bench.summarize(e2e_bench.IMPL_OPTSERVE, case, reports,
                                           run.meta.get("device", "?"), 1)
                 rec["backend"] = backend

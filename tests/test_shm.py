@@ -5,7 +5,8 @@ can harm nothing but its own job.
 
 The end-to-end, oracle, error and fault suites run on both paths: `make test` runs them
 once as they are (shared memory, the default on one host) and once with
-OPTSERVE_SHARED_MEMORY=0 (the gRPC stream)."""
+OPTSERVE_SHARED_MEMORY=0 (the gRPC stream). This file runs against the CUDA backend too,
+whose state takes a segment's gradient as it takes a stream's chunks."""
 from __future__ import annotations
 
 import os
@@ -101,7 +102,8 @@ from models import make_model
 from test_shm import _oracle_run
 from optserve.client import RemoteOptimizer
 model = make_model()
-opt = RemoteOptimizer(model.parameters(), "adamw", servers=[{shard.address!r}], job="ns", lr={LR})
+opt = RemoteOptimizer(model.parameters(), "adamw", servers=[{shard.address!r}], job="ns", lr={LR},
+                      shared_memory=True)
 _oracle_run(opt, model)
 print(opt.data_paths)
 """)
@@ -118,7 +120,7 @@ def test_a_unix_socket_shard(tmp_path):
         assert os.stat(path).st_mode & 0o777 == 0o600
         model = make_model()
         with RemoteOptimizer(model.parameters(), "adamw", servers=[f"unix:{path}"], job="uds",
-                             lr=LR) as opt:
+                             lr=LR, shared_memory=True) as opt:
             assert opt.data_paths == ["shared_memory"]
             _oracle_run(opt, model)
     finally:
@@ -134,7 +136,7 @@ def test_a_restarted_shard_is_attached_again(tmp_path):
     torch_opt = torch.optim.AdamW(reference.parameters(), lr=LR)
     x, y = make_data()
     opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="restart",
-                          lr=LR, rpc_timeout=20)
+                          lr=LR, rpc_timeout=20, shared_memory=True)
     try:
         for k in range(4):
             if k == 2:   # the same port, the job restored from its checkpoint at version 2
@@ -276,7 +278,7 @@ def test_a_worker_scribbling_on_its_segment_harms_only_its_own_job(shard):
     shard lives, and another job on it steps exactly as torch does."""
     victim = make_model(seed=3)
     noisy = RemoteOptimizer(victim.parameters(), "adamw", servers=[shard.address], job="noisy",
-                            lr=LR, nonfinite="skip")
+                            lr=LR, nonfinite="skip", shared_memory=True)
     stop = threading.Event()
 
     def scribble():
@@ -299,7 +301,7 @@ def test_a_worker_scribbling_on_its_segment_harms_only_its_own_job(shard):
                 pass
         model = make_model()
         with RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="calm",
-                             lr=LR) as calm:
+                             lr=LR, shared_memory=True) as calm:
             assert calm.data_paths == ["shared_memory"]
             _oracle_run(calm, model)
     finally:
@@ -312,7 +314,7 @@ def test_segments_go_with_their_job_and_their_shard(shard):
     pid = os.getpid()   # the shard fixture runs in this process
     model = make_model()
     opts = [RemoteOptimizer(model.parameters(), "adamw", servers=[shard.address], job="gone",
-                            lr=LR, rank=r, world_size=2) for r in range(2)]
+                            lr=LR, rank=r, world_size=2, shared_memory=True) for r in range(2)]
     assert _fds_named(pid, "optserve-segment") == 3   # one per worker, and the rounds'
     opts[0].delete_job()
     opts[1].close(leave=False)
