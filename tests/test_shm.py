@@ -323,3 +323,29 @@ def test_segments_go_with_their_job_and_their_shard(shard):
         time.sleep(0.05)
     assert _fds_named(pid, "optserve-segment") == 0
     assert shard.metrics.shared_memory._value.get() == 0
+
+
+def test_a_killed_worker_leaves_nothing_behind(shard, tmp_path):
+    """A worker SIGKILLed with its segment mapped: nothing of it is in any filesystem
+    (/dev/shm holds no file of the shard's), and its segment goes with the job."""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
+import os, signal, sys, torch
+sys.path[:0] = {[os.path.dirname(__file__)]!r}
+from models import make_model
+from optserve.client import RemoteOptimizer
+model = make_model()
+opt = RemoteOptimizer(model.parameters(), "adamw", servers=[{shard.address!r}], job="killed",
+                      lr={LR}, shared_memory=True)
+assert opt.data_paths == ["shared_memory"]
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert after <= before
+    assert _fds_named(os.getpid(), "optserve-segment") == 1
+    from optserve.client import delete_job
+    delete_job([shard.address], "killed")
+    assert _fds_named(os.getpid(), "optserve-segment") == 0
