@@ -225,7 +225,7 @@ def _validate_adamp(h):
     _validate_adam(h)
     _no_amsgrad("adamp", h)
     _check(not h.maximize, "adamp has no maximize (adamp.AdamP has none)")
-    _check(h.eps_mode == pb.EPS_TORCH, "adamp has no eps_mode (adamp.AdamP places ε as torch does)")
+    _check(h.eps_mode == pb.EPS_TORCH, "adamp has no eps_mode (adamp.AdamP places ε as torch)")
     _finite(h, "delta", "wd_ratio")
     _check(h.delta > 0, f"delta must be > 0, got {h.delta}")
     _check(0 <= h.wd_ratio <= 1, f"wd_ratio must be in [0, 1], got {h.wd_ratio}")

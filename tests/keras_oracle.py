@@ -7,10 +7,12 @@ takes the group's lr and betas (which torch's schedulers set), and after it the 
 take the variables' values, rounded to float32. Float64, because Keras forms β^t in the
 variables' dtype: in float32 its bias correction √(1 − β2^t) is off by ~6e-6 relative
 (float32's 0.999 is 0.99900001), which over 50 steps at lr 1e-2 moves a weight by ~2e-6,
-Keras's rounding rather than its formula, and more than the oracle tests' tolerance. Keras has neither `maximize` nor coupled L2: its gradient is −g under
-maximize, plus λθ for Adam's L2, as torch.optim.Adam forms them. The state it keeps shows under
-torch's names (Keras's momentum, velocity and velocity_hat: m, the raw v and its running
-maximum), so that the tests compare it and state dicts carry it.
+Keras's rounding rather than its formula, and more than the oracle tests' tolerance.
+
+Keras has neither `maximize` nor coupled L2: its gradient is −g under maximize, plus λθ for
+Adam's L2, as torch.optim.Adam forms them. The state it keeps shows under torch's names
+(Keras's momentum, velocity and velocity_hat: m, the raw v and its running maximum), so that
+the tests compare it and state dicts carry it.
 """
 from __future__ import annotations
 

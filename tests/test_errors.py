@@ -138,8 +138,9 @@ def test_bad_hyperparameter(job):
             grpc.StatusCode.INVALID_ARGUMENT, "lr must be finite")
 
 
-@pytest.mark.parametrize("option,value,change", [("amsgrad", True, "amsgrad from False to True"),
-                                                 ("eps_mode", pb.EPS_KERAS, "eps_mode from torch to keras")])
+@pytest.mark.parametrize("option,value,change", [
+    ("amsgrad", True, "amsgrad from False to True"),
+    ("eps_mode", pb.EPS_KERAS, "eps_mode from torch to keras")])
 def test_a_step_may_not_change_an_option_fixed_at_registration(job, option, value, change):
     """amsgrad decides whether a tensor keeps max_exp_avg_sq, and eps_mode the rule its state
     was built under: a step may not switch either."""

@@ -142,7 +142,8 @@ def _remote(cls, **kwargs):
     (hf.Adafactor, {"maximize": True}, r"transformers.optimization.Adafactor got unexpected .* 'maximize'"),
     (adamp.AdamP, {"amsgrad": True}, r"adamp.AdamP got unexpected keyword argument 'amsgrad'"),
     (lion_pytorch.Lion, {"maximize": True}, r"'maximize' is optserve's own: pass optimizer='lion'"),
-    (torch.optim.Adam, {"eps_mode": "keras"}, r"'eps_mode' is optserve's own: pass optimizer='adam'"),
+    (torch.optim.Adam, {"eps_mode": "keras"},
+     r"'eps_mode' is optserve's own: pass optimizer='adam'"),
     (torch.optim.SGD, {}, r"optserve does not run torch.optim.sgd.SGD; it runs adamp.AdamP, "),
 ])
 def test_a_class_refuses_what_it_does_not_take_by_name(cls, kwargs, message):
