@@ -79,7 +79,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         fused are accepted and change nothing), or a name in
         optserve.proto.optimizers.REGISTRY ("adamw", "adam", "adamp", "adafactor",
         "torch_adafactor", "lion"), which takes the same arguments and a few of optserve's
-        own (weight_decay_mode; maximize for lion).
+        own (weight_decay_mode; eps_mode for adam and adamw; maximize for lion).
       servers: shard addresses ("host:port"); tensors are placed on them by size. Default:
         $OPTSERVE_SERVERS, comma-separated.
       job: the job's name; every worker of one training run uses the same.
@@ -115,7 +115,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
       **hyperparameters: the optimizer class's keyword arguments (lr, betas, eps,
         weight_decay, amsgrad, maximize, ...), or for a registry name its peer's (HF's for
         adafactor, torch's for torch_adafactor, lion-pytorch's for lion) and
-        weight_decay_mode for adamw and lion. Any other name is refused (TypeError).
+        weight_decay_mode for adamw and lion, eps_mode ("torch", or "keras": Keras's ε̂ on the
+        raw √v, the bias correction in the step size) for adam and adamw. Any other name is
+        refused (TypeError).
     """
 
     def __init__(self, params, optimizer: str | type = "adamw", *,
@@ -387,19 +389,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads torch's format and pushes the optimizer state to the shards. The groups'
-        options that decide the state kept (amsgrad; Adafactor's beta1) must be the job's."""
+        options fixed at registration (amsgrad and eps_mode; Adafactor's beta1) must be the
+        job's: a state dict of an eps_mode="keras" job does not load into a torch-ε job."""
         groups = self.param_groups
         super().load_state_dict(state_dict)
         try:
             for gi, g in enumerate(self.param_groups):
                 for k, v in self.defaults.items():
                     g.setdefault(k, v)
-                loaded = self.info.layout_options(self._group_proto(g, gi))
-                registered = self.info.layout_options(self.spec.groups[gi])
+                loaded = dict(self.info.fixed_options(self._group_proto(g, gi)))
+                registered = dict(self.info.fixed_options(self.spec.groups[gi]))
                 if loaded != registered:
-                    raise ValueError(f"the state dict's group {gi} has {dict(loaded)}, the job "
-                                     f"was registered with {dict(registered)}: build the "
-                                     "RemoteOptimizer with the same options")
+                    differ = [k for k in registered if loaded[k] != registered[k]]
+                    theirs = {k: loaded[k] for k in differ}
+                    ours = {k: registered[k] for k in differ}
+                    raise ValueError(f"the state dict's group {gi} has {theirs}, the job was "
+                                     f"registered with {ours}: build the RemoteOptimizer with "
+                                     "the same options")
             self._shards.call_all(self._set_state)
         except BaseException:
             self.param_groups = groups

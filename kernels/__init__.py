@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 from optserve.kernels.backend import Backend, Report, StepResult, StepSums
-from optserve.kernels.hyper import DecayMode, Hyper
+from optserve.kernels.hyper import DecayMode, EpsMode, Hyper
 from optserve.kernels.layout import FlatLayout, FlatState
 
-__all__ = ["Backend", "DecayMode", "FlatLayout", "FlatState", "Hyper", "Report", "StepResult",
-           "StepSums", "get_backend"]
+__all__ = ["Backend", "DecayMode", "EpsMode", "FlatLayout", "FlatState", "Hyper", "Report",
+           "StepResult", "StepSums", "get_backend"]
 
 log = logging.getLogger("optserve.kernels")
 

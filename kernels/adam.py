@@ -5,13 +5,17 @@
 
 with moments m ← m + (1−β1)(g − m), v ← β2·v + (1−β2)·g², bc_i = 1 − β_i^t, g negated
 under `maximize`, and decay the decoupled factor of the job's weight_decay_mode
-(kernels/hyper.py). ε is added after the bias-corrected square root, as torch does.
+(kernels/hyper.py). ε is added after the bias-corrected square root, as torch does; under
+eps_mode="keras" it is Keras's ε̂, added to the raw √v̄, with the bias correction folded into
+the step size instead:  θ ← θ − α_t·m/(√v̄ + ε̂),  α_t = lr·√bc2/bc1. The two agree only
+when ε̂ = ε·√bc2, so with one number for both torch takes the larger early steps.
 v̄ = v, or under `amsgrad` the running maximum of the raw v, kept as max_exp_avg_sq
-(v̂max ← max(v̂max, v), bias-corrected after the max, as torch).
+(v̂max ← max(v̂max, v), bias-corrected after the max, as torch and Keras).
 
 References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
-Alg. 2; Kingma & Ba, "Adam", ICLR 2015, Alg. 1; Reddi, Kale & Kumar, "On the Convergence
-of Adam and Beyond", ICLR 2018 (AMSGrad); torch.optim.AdamW / Adam (the oracles).
+Alg. 2; Kingma & Ba, "Adam", ICLR 2015, Alg. 1 (and, for ε̂, the formula just before
+Sec. 2.1); Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018
+(AMSGrad); torch.optim.AdamW / Adam and keras.optimizers.AdamW / Adam (the oracles).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from numba import prange
 from optserve.kernels import cpu_tiles
 from optserve.kernels.backend import CudaKernels, Kernel, StepCall, View
 from optserve.kernels.cpu_tiles import TENSOR
-from optserve.kernels.hyper import DecayMode, Hyper, decay_factor
+from optserve.kernels.hyper import DecayMode, EpsMode, Hyper, decay_factor
 from optserve.kernels.numba_ops import (F32, add_step_sums, field, inline, kernel,
                                         reduce_step_terms, span, spans, tile_sums)
 
@@ -54,36 +58,49 @@ def denominator(v, step, beta2, eps):
     return np.sqrt(v) / F32(math.sqrt(1.0 - beta2**step)) + F32(eps)
 
 
+def update(m, v, step, lr, beta1, beta2, eps, eps_mode):
+    """What the step takes from θ: torch's (lr/bc1)·m/(√v/√bc2 + ε), or Keras's
+    α_t·m/(√v + ε̂) with α_t = lr·√bc2/bc1 (keras.optimizers.Adam)."""
+    if eps_mode == EpsMode.KERAS:
+        alpha = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return F32(alpha) * (m / (np.sqrt(v) + F32(eps)))
+    return F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
+
+
 def adamw(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay,
-          weight_decay_mode=DecayMode.LR, initial_lr=None, maximize=False, amsgrad=False):
-    """AdamW, decoupled decay applied to θ_{t−1} before the Adam step (torch.optim.AdamW)."""
+          weight_decay_mode=DecayMode.LR, initial_lr=None, maximize=False, amsgrad=False,
+          eps_mode=EpsMode.TORCH):
+    """AdamW, decoupled decay applied to θ_{t−1} before the Adam step (torch.optim.AdamW;
+    keras.optimizers.AdamW under EpsMode.KERAS, which decays by lr·λ first too)."""
     g = -grad if maximize else grad
     if weight_decay != 0:
         param *= F32(decay_factor(weight_decay_mode, lr, weight_decay, initial_lr or lr))
     m, v = moments(g, state, beta1, beta2)
     v = amsgrad_max(v, state, amsgrad)
-    param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
+    param -= update(m, v, step, lr, beta1, beta2, eps, eps_mode)
 
 
 def adam(param, grad, state, *, step, lr, beta1, beta2, eps, weight_decay, maximize=False,
-         amsgrad=False):
+         amsgrad=False, eps_mode=EpsMode.TORCH):
     """Adam with classic coupled L2: g ← g + λθ_{t−1}, then the Adam step (torch.optim.Adam)."""
     g = -grad if maximize else grad
     if weight_decay != 0:
         g = g + F32(weight_decay) * param
     m, v = moments(g, state, beta1, beta2)
     v = amsgrad_max(v, state, amsgrad)
-    param -= F32(lr / (1.0 - beta1**step)) * (m / denominator(v, step, beta2, eps))
+    param -= update(m, v, step, lr, beta1, beta2, eps, eps_mode)
 
 
 def _reference(param, grad, state, step, h: Hyper, *, coupled: bool) -> dict:
     if coupled:
         adam(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-             weight_decay=h.weight_decay, maximize=h.maximize, amsgrad=h.amsgrad)
+             weight_decay=h.weight_decay, maximize=h.maximize, amsgrad=h.amsgrad,
+             eps_mode=EpsMode(h.eps_mode))
     else:
         adamw(param, grad, state, step=step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
               weight_decay=h.weight_decay, weight_decay_mode=DecayMode(h.weight_decay_mode),
-              initial_lr=h.initial_lr, maximize=h.maximize, amsgrad=h.amsgrad)
+              initial_lr=h.initial_lr, maximize=h.maximize, amsgrad=h.amsgrad,
+              eps_mode=EpsMode(h.eps_mode))
     return {}
 
 
@@ -98,13 +115,17 @@ A_COLUMNS = 13
 
 
 def bias_corrections(h: Hyper, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(√bc2, lr/bc1) per tensor, in float64: the update is (lr/bc1)·m/(√v/√bc2 + ε)."""
-    return np.sqrt(1.0 - h.beta2 ** steps), h.lr / (1.0 - h.beta1 ** steps)
+    """(s, c) per tensor, in float64, for the update c·m/(√v/s + ε): torch's s = √bc2 and
+    c = lr/bc1, or under EpsMode.KERAS s = 1 (√v/1 is exact) and c = α_t = lr·√bc2/bc1, so
+    that one kernel runs both placements of ε."""
+    sbc2, bc1 = np.sqrt(1.0 - h.beta2 ** steps), 1.0 - h.beta1 ** steps
+    keras = h.eps_mode == EpsMode.KERAS
+    return np.where(keras, 1.0, sbc2), np.where(keras, h.lr * sbc2 / bc1, h.lr / bc1)
 
 
 def cpu_coefficients(h: Hyper, steps: np.ndarray) -> np.ndarray:
-    """The columns the Adam family shares (β's, √bc2, lr/bc1), in float64; no sign flip, no
-    L2, no decay."""
+    """The columns the Adam family shares (β's, bias_corrections), in float64; no sign flip,
+    no L2, no decay."""
     coef = np.zeros((len(steps), A_COLUMNS), np.float64)
     coef[:, A_SIGN] = coef[:, A_DECAY] = 1.0
     coef[:, A_B1], coef[:, A_C1] = h.beta1, 1.0 - h.beta1
@@ -125,7 +146,8 @@ def cpu_moments(g, m, v, c1, b2, c2):
 
 @inline
 def cpu_direction(g, m, v, sbc2, eps, nesterov, b1, c1):
-    """u = m/(√v/√bc2 + ε), or (β1·m + (1−β1)·g)/(√v/√bc2 + ε) with Nesterov (AdamP)."""
+    """u = m/(√v/√bc2 + ε), or (β1·m + (1−β1)·g)/(√v/√bc2 + ε) with Nesterov (AdamP); sbc2
+    is 1 under Keras's ε̂ (bias_corrections)."""
     d = np.sqrt(v) / sbc2 + eps
     if nesterov:
         return (b1 * m + c1 * g) / d
@@ -135,9 +157,10 @@ def cpu_direction(g, m, v, sbc2, eps, nesterov, b1, c1):
 @inline
 def adam_span(p, g, m, v, vmax, cf, sums, k):
     """The Adam update of one span, with the coefficient row cf (A_ columns):
-        g ← ±g (+ λθ for coupled L2);  m, v ← moments(g);  θ ← θ·decay − (lr/bc1)·u
-    with u from v, or under AMSGrad (vmax not None: the span's max_exp_avg_sq) from
-    vmax ← max(vmax, v). Adds the span's step sums to sums[k] (if sums is not None).
+        g ← ±g (+ λθ for coupled L2);  m, v ← moments(g);  θ ← θ·decay − c·m/(√v̄/s + ε)
+    with (s, c) from bias_corrections (torch's ε or Keras's ε̂), and v̄ = v, or under AMSGrad
+    (vmax not None: the span's max_exp_avg_sq) vmax ← max(vmax, v). Adds the span's step
+    sums to sums[k] (if sums is not None).
     numba compiles the two versions apart, so the plain loop has no AMSGrad branch."""
     sign, l2_on, l2, decay = cf[A_SIGN], cf[A_L2_ON] != 0, cf[A_L2], cf[A_DECAY]
     b1, c1, b2, c2 = cf[A_B1], cf[A_C1], cf[A_B2], cf[A_C2]

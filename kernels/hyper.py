@@ -3,8 +3,8 @@
 A job's parameter groups arrive as `Hyperparameters` messages (the API's wire form, one per
 group); `Hyper.from_groups` turns them into this record once per step, each tensor taking
 its group's values. Floats are float64 (coefficients are formed in float64, as torch forms
-them from Python floats), flags are bool, `weight_decay_mode` holds `DecayMode` values, and
-Adafactor's optional beta1 is NaN where it is unset.
+them from Python floats), flags are bool, `weight_decay_mode` holds `DecayMode` values,
+`eps_mode` `EpsMode` values, and Adafactor's optional beta1 is NaN where it is unset.
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ class DecayMode(IntEnum):
     LR = pb.WEIGHT_DECAY_LR              # θ ← θ(1 − lr·λ), torch.optim.AdamW
     SCHEDULE = pb.WEIGHT_DECAY_SCHEDULE  # θ ← θ(1 − (lr/lr₀)·λ), Loshchilov & Hutter, Alg. 2
     FIXED = pb.WEIGHT_DECAY_FIXED        # θ ← θ(1 − λ)
+
+
+class EpsMode(IntEnum):
+    """Where Adam's ε sits (the proto's EpsMode; kernels/adam.py has both updates)."""
+    TORCH = pb.EPS_TORCH   # (lr/bc1)·m/(√v/√bc2 + ε), torch.optim.Adam(W)
+    KERAS = pb.EPS_KERAS   # α_t·m/(√v + ε̂), α_t = lr·√bc2/bc1: Keras, TensorFlow
 
 
 def decay_factor(mode: DecayMode, lr: float, weight_decay: float, initial_lr: float) -> float:
@@ -63,6 +69,7 @@ class Hyper:
     scale_parameter: Flags
     relative_step: Flags
     warmup_init: Flags
+    eps_mode: npt.NDArray[np.int64]
 
     @classmethod
     def from_groups(cls, groups: Sequence[pb.Hyperparameters], group_of: npt.ArrayLike,

@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--compare", action="store_true",
                       help="train a BatchNorm net under Adam+L2, AdamW, AdamP, Adafactor and "
                            "Lion through one local shard, and plot the conv weights' norm and "
-                           "the angle they travel")
+                           "the angle they travel; and AdamW's first steps with torch's ε and "
+                           "with Keras's ε̂")
     demo.add_argument("--compare-out", default=None,
                       help="where --compare writes its plot (default: optserve/compare.png in "
                            "the temporary directory, printed at the end)")

@@ -9,6 +9,11 @@ every step the worker reads the shard's /metrics (optserve_weight_norm,
 optserve_effective_step); the run ends with a table (norm growth, recent effective step, angle
 travelled, optimizer state) and a plot of the conv weights' norm and effective step. AdamW's
 norm grows ~9 % and its effective step is that much smaller than AdamP's, whose norm stays flat.
+
+A third panel shows where ε sits: the same AdamW at ε = 1e-3, with torch's ε after the
+bias-corrected √v̂ and with Keras's ε̂ on the raw √v (eps_mode="keras"), over the first
+EPS_STEPS steps. With one number for both, torch's effective ε is ε̂·√(1 − β2^t) (0.03 of it
+at step 1), so its first steps are several times larger.
 """
 from __future__ import annotations
 
@@ -31,6 +36,14 @@ RUNS = {
     "Adafactor": ("adafactor", dict(lr=3e-3, relative_step=False, scale_parameter=False), 0.0),
     "Lion": ("lion", dict(lr=RECIPES["lion"]["lr"]), RECIPES["lion"]["weight_decay"]),
 }
+# Where ε sits (docs/optimizers.md, "AdamW and Adam"): the AdamW above at ε = EPS, early in
+# training, where the two placements differ most (√(1 − β2^t) is 0.03 at step 1, 0.31 at 100).
+EPS = 1e-3
+EPS_RUNS = {
+    "torch ε": ("adamw", dict(lr=3e-3, eps=EPS), 0.05),
+    "Keras ε̂": ("adamw", dict(lr=3e-3, eps=EPS, eps_mode="keras"), 0.05),
+}
+EPS_STEPS = 100
 STEPS = 300   # the README's figure and numbers
 BATCH = 64
 
@@ -59,14 +72,14 @@ def conv_norm(model) -> float:
     return sum(params[t].detach().double().square().sum().item() for t in CONV_WEIGHTS) ** 0.5
 
 
-def train(label: str, address: str, metrics_url: str, steps: int) -> dict:
+def train(label: str, run: tuple, address: str, metrics_url: str, steps: int, job: str) -> dict:
+    """`steps` steps of `run` (optimizer, hyperparameters, weight decay) as job `job`."""
     import torch
     from optserve.client import RemoteOptimizer
-    optimizer, hyper, weight_decay = RUNS[label]
+    optimizer, hyper, weight_decay = run
     images, labels = make_shapes(2048, seed=1)
     model = make_model()
     start_norm = conv_norm(model)
-    job = f"compare-{optimizer}-{os.getpid()}"
     opt = RemoteOptimizer(param_groups(model, weight_decay), optimizer, servers=[address],
                           job=job, **hyper)
     g = torch.Generator().manual_seed(100)
@@ -104,14 +117,15 @@ def running_mean(values: list[float], window: int = SMOOTH) -> list[float]:
     return (np.convolve(a, kernel, "same") / np.convolve(np.ones_like(a), kernel, "same")).tolist()
 
 
-def plot(results: list[dict], path: str | os.PathLike):
-    """Two panels over the steps, every run in each: the growth of the conv weights' norm, and
-    their effective step (running mean), with the gap between AdamW and AdamP shaded.
+def plot(results: list[dict], eps_results: list[dict], path: str | os.PathLike):
+    """Three panels over the steps: the growth of the conv weights' norm and their effective
+    step (running mean) under every run of RUNS, with the gap between AdamW and AdamP shaded;
+    then the effective step, step by step, under the two of EPS_RUNS, the gap shaded.
     Returns the (closed) figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, eps) = plt.subplots(1, 3, figsize=(16.5, 4.4))
     smoothed = {}
     for r in results:
         steps = range(len(r["norms"]) + 1)
@@ -132,7 +146,15 @@ def plot(results: list[dict], path: str | os.PathLike):
              ylabel="% since step 0 (log scale above 10 %)")
     right.set(title=f"effective step ||w'/||w'|| - w/||w|||| ({SMOOTH}-step mean)",
               xlabel="step", ylabel="angle per step (rad)", yscale="log")
-    for ax in (left, right):
+    for r in eps_results:
+        eps.plot(range(1, len(r["angles"]) + 1), r["angles"], label=r["label"])
+    if len(eps_results) == 2:
+        steps = range(1, len(eps_results[0]["angles"]) + 1)
+        eps.fill_between(steps, eps_results[0]["angles"], eps_results[1]["angles"],
+                         color="tab:red", alpha=0.2, linewidth=0, label="torch ε - Keras ε̂")
+    eps.set(title=f"where ε sits: AdamW, ε = {EPS:g}, first steps", xlabel="step",
+            ylabel="effective step of the conv weights (rad)", yscale="log")
+    for ax in (left, right, eps):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
     fig.tight_layout()
@@ -141,26 +163,30 @@ def plot(results: list[dict], path: str | os.PathLike):
     return fig
 
 
-def collect(device: str, steps: int, port: int | None = None) -> list[dict]:
-    """Trains every run of RUNS through one local shard; returns their per-step curves."""
+def collect(device: str, steps: int, port: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Trains every run of RUNS, then of EPS_RUNS (for at most EPS_STEPS steps), through one
+    local shard; returns their per-step curves."""
+    eps_steps = min(steps, EPS_STEPS)
     with local_shards(1, device, port, prefix="optserve-compare-") as (shard,):
         print(f"optserve demo --compare: shard {shard.address}, "
-              f"metrics {shard.metrics_url}, {steps} steps each",
+              f"metrics {shard.metrics_url}, {steps} steps each ({eps_steps} for ε's placement)",
               flush=True)
-        results = []
-        for label in RUNS:
-            start = time.perf_counter()
-            results.append(train(label, shard.address, shard.metrics_url, steps))
-            print(f"  {label:<10} done in {time.perf_counter() - start:5.1f}s", flush=True)
+        results = ([], [])
+        for k, (runs, n) in enumerate([(RUNS, steps), (EPS_RUNS, eps_steps)]):
+            for i, (label, run) in enumerate(runs.items()):
+                start = time.perf_counter()
+                job = f"compare-{k}-{i}-{run[0]}-{os.getpid()}"
+                results[k].append(train(label, run, shard.address, shard.metrics_url, n, job))
+                print(f"  {label:<10} done in {time.perf_counter() - start:5.1f}s", flush=True)
         return results
 
 
 def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.compare_out) if args.compare_out else default_out()
     with local.stopped_by_signals():
-        results = collect(args.device, args.steps or STEPS, args.metrics_port)
+        results, eps_results = collect(args.device, args.steps or STEPS, args.metrics_port)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, out)
+    plot(results, eps_results, out)
     print(f"\n  {'optimizer':<10} {'final loss':>10} {'conv ||w||':>10} {'growth':>8} "
           f"{'eff. step':>9} {'travelled':>9} {'optimizer state':>15}")
     for r in results:
@@ -171,5 +197,11 @@ def run_compare(args: argparse.Namespace) -> int:
               f"{r['optimizer_state_bytes']:>13,} B")
     print(f"\n  growth: of the conv weights' norm since step 0; eff. step: their mean angle\n"
           f"  per step over the last {SMOOTH} steps; travelled: the sum of all their angles")
+    marks = [t for t in (1, 10, 30, 100) if t <= len(eps_results[0]["angles"])]
+    print(f"\n  where ε sits (AdamW, ε = {EPS:g}): the conv weights' effective step at step")
+    print("  " + " " * 10 + "".join(f"{t:>10}" for t in marks) + f"{'loss':>10}")
+    for r in eps_results:
+        print(f"  {r['label']:<10}" + "".join(f"{r['angles'][t - 1]:>10.2e}" for t in marks)
+              + f"{r['loss']:>10.4f}")
     print(f"\nplot: {out.resolve()}")
     return 0

@@ -17,6 +17,10 @@ Shape = tuple[int, ...]
 DECAY_MODES = {"lr": pb.WEIGHT_DECAY_LR, "schedule": pb.WEIGHT_DECAY_SCHEDULE,
                "fixed": pb.WEIGHT_DECAY_FIXED}
 DECAY_MODE_NAMES = {v: k for k, v in DECAY_MODES.items()}
+# Where Adam's ε sits: "torch" after the bias-corrected √v̂, "keras" (TensorFlow's ε̂) on the
+# raw √v with the bias correction in the step size (kernels/adam.py).
+EPS_MODES = {"torch": pb.EPS_TORCH, "keras": pb.EPS_KERAS}
+EPS_MODE_NAMES = {v: k for k, v in EPS_MODES.items()}
 
 # torch.optim.Adam(W)'s own group keys, kept so that state dicts load both ways.
 _TORCH_ADAM_KEYS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
@@ -70,12 +74,20 @@ def _adam_moments_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> N
     h.weight_decay = float(group["weight_decay"])
 
 
+def _eps_mode_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
+    mode = group.get("eps_mode", "torch")
+    if mode not in EPS_MODES:
+        raise InvalidArgument(f"eps_mode must be one of {sorted(EPS_MODES)}, got {mode!r}")
+    h.eps_mode = EPS_MODES[mode]
+
+
 def _torch_adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters, *,
                          decoupled: bool) -> None:
     _check_decoupled(group, decoupled)
     _adam_moments_to_proto(group, h)
     h.maximize = bool(group.get("maximize", False))
     h.amsgrad = bool(group.get("amsgrad", False))
+    _eps_mode_to_proto(group, h)
 
 
 def _adam_to_proto(group: Mapping[str, Any], h: pb.Hyperparameters) -> None:
@@ -111,6 +123,7 @@ def _adamp_to_proto(group, h):
     _adam_moments_to_proto(group, h)
     h.maximize = bool(group.get("maximize", False))   # refused: a group may not ask for them
     h.amsgrad = bool(group.get("amsgrad", False))
+    _eps_mode_to_proto(group, h)
     h.delta = float(group["delta"])
     h.wd_ratio = float(group["wd_ratio"])
     h.nesterov = bool(group["nesterov"])
@@ -169,6 +182,7 @@ def _finite(h: pb.Hyperparameters, *names: str) -> None:
 
 
 def _validate_adam(h: pb.Hyperparameters) -> None:
+    _check(h.eps_mode in EPS_MODE_NAMES, f"unknown eps_mode {h.eps_mode}")
     _finite(h, "lr", "beta1", "beta2", "eps", "weight_decay")
     _check(h.lr >= 0, f"lr must be >= 0, got {h.lr}")
     _check(0 <= h.beta1 < 1 and 0 <= h.beta2 < 1, f"betas must be in [0, 1), got ({h.beta1}, {h.beta2})")
@@ -211,6 +225,7 @@ def _validate_adamp(h):
     _validate_adam(h)
     _no_amsgrad("adamp", h)
     _check(not h.maximize, "adamp has no maximize (adamp.AdamP has none)")
+    _check(h.eps_mode == pb.EPS_TORCH, "adamp has no eps_mode (adamp.AdamP places ε as torch)")
     _finite(h, "delta", "wd_ratio")
     _check(h.delta > 0, f"delta must be > 0, got {h.delta}")
     _check(0 <= h.wd_ratio <= 1, f"wd_ratio must be in [0, 1], got {h.wd_ratio}")
@@ -261,12 +276,12 @@ def _lion_initial_lr(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> f
     return defaults["lr"] if group.get("decoupled_weight_decay") else _group_initial_lr(group, defaults)
 
 
-def _no_layout_options(h: pb.Hyperparameters) -> tuple:
+def _no_fixed_options(h: pb.Hyperparameters) -> tuple:
     return ()
 
 
-def _amsgrad_option(h: pb.Hyperparameters) -> tuple:
-    return (("amsgrad", h.amsgrad),)
+def _adam_options(h: pb.Hyperparameters) -> tuple:
+    return (("amsgrad", h.amsgrad), ("eps_mode", EPS_MODE_NAMES[h.eps_mode]))
 
 
 def _beta1_option(h: pb.Hyperparameters) -> tuple:
@@ -301,9 +316,10 @@ class OptimizerInfo:
     step_is_tensor: bool
     # lr₀ of a group (weight_decay_mode="schedule"), from the group and the optimizer's defaults.
     initial_lr: Callable[[Mapping[str, Any], Mapping[str, Any]], float] = _group_initial_lr
-    # The options of a group that decide which state fields its tensors keep, as (name,
-    # value) pairs: fixed when the job is registered (a step may not change them).
-    layout_options: Callable[[pb.Hyperparameters], tuple] = _no_layout_options
+    # The options of a group fixed when the job is registered, as (name, value) pairs: a step
+    # may not change them, nor a loaded state dict. They decide which state fields its tensors
+    # keep (amsgrad, Adafactor's beta1), or which rule the state was built under (eps_mode).
+    fixed_options: Callable[[pb.Hyperparameters], tuple] = _no_fixed_options
     # The peer's own name and shape (from the parameter's shape) of a state field, where
     # its state dict differs from the shard's flat fields; state dicts use the peer's.
     peer_state: Mapping[str, tuple[str, Callable[[Shape], Shape]]] = field(default_factory=dict)
@@ -318,16 +334,16 @@ class OptimizerInfo:
 
 
 REGISTRY: dict[str, OptimizerInfo] = {
-    "adamw": OptimizerInfo(  # oracle: torch.optim.AdamW
+    "adamw": OptimizerInfo(  # oracles: torch.optim.AdamW; keras.optimizers.AdamW (eps_mode="keras")
         "adamw",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, weight_decay_mode="lr",
-             decoupled_weight_decay=True, **_TORCH_ADAM_KEYS),
-        _adamw_to_proto, _validate_adamw, _adam_state, True, layout_options=_amsgrad_option),
-    "adam": OptimizerInfo(  # oracle: torch.optim.Adam
+             eps_mode="torch", decoupled_weight_decay=True, **_TORCH_ADAM_KEYS),
+        _adamw_to_proto, _validate_adamw, _adam_state, True, fixed_options=_adam_options),
+    "adam": OptimizerInfo(  # oracles: torch.optim.Adam; keras.optimizers.Adam (eps_mode="keras")
         "adam",
-        dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+        dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, eps_mode="torch",
              decoupled_weight_decay=False, **_TORCH_ADAM_KEYS),
-        _adam_to_proto, _validate_adam, _adam_state, True, layout_options=_amsgrad_option),
+        _adam_to_proto, _validate_adam, _adam_state, True, fixed_options=_adam_options),
     "adamp": OptimizerInfo(  # oracle: adamp.AdamP 0.3.0
         "adamp",
         dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
@@ -338,7 +354,7 @@ REGISTRY: dict[str, OptimizerInfo] = {
         dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
              weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False),
         _adafactor_to_proto, _validate_adafactor, adafactor_state, False,
-        layout_options=_beta1_option),
+        fixed_options=_beta1_option),
     "torch_adafactor": OptimizerInfo(  # oracle: torch.optim.Adafactor
         "torch_adafactor",
         dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,

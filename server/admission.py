@@ -214,13 +214,13 @@ class Admission:
             h.CopyFrom(sent)
             h.initial_lr = reg.initial_lr
             job.info.validate(h)
-            sent_options, registered = job.info.layout_options(h), job.info.layout_options(reg)
-            if sent_options != registered:   # they decide the state the job keeps
+            sent_options, registered = job.info.fixed_options(h), job.info.fixed_options(reg)
+            if sent_options != registered:   # the state the job keeps was built under them
                 changed = ", ".join(f"{name} from {was} to {now}" for (name, was), (_, now)
                                     in zip(registered, sent_options) if was != now)
                 raise InvalidArgument(f"job {job.name!r}: group {g} cannot change {changed} "
-                                      "after registration (it decides the optimizer state "
-                                      "the job keeps)")
+                                      "after registration (the optimizer state the job keeps "
+                                      "depends on it)")
             out.append(h)
         return out
 

@@ -138,14 +138,17 @@ def test_bad_hyperparameter(job):
             grpc.StatusCode.INVALID_ARGUMENT, "lr must be finite")
 
 
-def test_a_step_may_not_change_what_state_the_job_keeps(job):
-    """amsgrad decides whether a tensor keeps max_exp_avg_sq: a step may not switch it."""
+@pytest.mark.parametrize("option,value,change", [
+    ("amsgrad", True, "amsgrad from False to True"),
+    ("eps_mode", pb.EPS_KERAS, "eps_mode from torch to keras")])
+def test_a_step_may_not_change_an_option_fixed_at_registration(job, option, value, change):
+    """amsgrad decides whether a tensor keeps max_exp_avg_sq, and eps_mode the rule its state
+    was built under: a step may not switch either."""
     opt, stub = job
     header = step_header(opt)
-    header.groups[0].amsgrad = True
+    setattr(header.groups[0], option, value)
     refused(stub, lambda: send_step(stub, header, grad_bytes(opt)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "group 0 cannot change amsgrad from False to True after registration")
+            grpc.StatusCode.INVALID_ARGUMENT, f"group 0 cannot change {change} after registration")
 
 
 def test_header_not_first(job):

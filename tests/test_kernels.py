@@ -66,6 +66,12 @@ CASES = {
                                     {"maximize": True, "lr": 1e-2})),
     "adam-amsgrad-maximize": Case("adam", ({"amsgrad": True, "maximize": True, "weight_decay": 0.01},
                                            {"amsgrad": True, "lr": 1e-2, "betas": (0.5, 0.9)})),
+    # Keras's ε̂ in one group and torch's ε in the other, then in both with AMSGrad in one
+    "adamw-keras-eps": Case("adamw", ({"eps_mode": "keras", "eps": 1e-3, "weight_decay": 0.1},
+                                      {"eps_mode": "torch", "eps": 1e-3, "maximize": True})),
+    "adam-keras-amsgrad": Case("adam", ({"eps_mode": "keras", "amsgrad": True, "maximize": True,
+                                         "weight_decay": 0.01},
+                                        {"eps_mode": "keras", "eps": 1e-3, "lr": 1e-2})),
     "adamp-random": Case("adamp", ({"nesterov": False}, {"nesterov": True, "weight_decay": 0.1})),
     "adamp-orthogonal": Case("adamp", ({"nesterov": False}, {"nesterov": True}), "orthogonal",
                              expect_projected=True),

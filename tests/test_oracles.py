@@ -6,7 +6,9 @@ without weight decay, with its own lr) and an LR scheduler wherever the optimize
 Cases name the optimizer by its registry name, or by the oracle's own class
 (`RemoteOptimizer(groups, torch.optim.AdamW, amsgrad=True)`), which is then built with the
 very same arguments and groups: every option of every class, each pair of amsgrad, weight
-decay and maximize in some group.
+decay and maximize in some group. eps_mode="keras" is held to Keras itself
+(tests/keras_oracle.py), at ε̂ = 1e-3, where its placement shows within a few steps, and at
+Keras's default 1e-7.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 import transformers.optimization as hf
 
+from keras_oracle import KerasAdam
 from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
 from optserve.proto.optimizers import REGISTRY, peer_class
@@ -100,6 +103,21 @@ def complements(cls, options, lr, scheduler):
     return cases
 
 
+def keras_groups(model, **second):
+    """groups_lr, with `second`'s options in the second group."""
+    groups = groups_lr(model, WD)
+    groups[1].update(second)
+    return groups
+
+
+def keras_case(optimizer, hyper, second, scheduler):
+    """eps_mode="keras" against keras.optimizers.AdamW or Adam with the same arguments (the
+    weights decay, the second group takes `second`)."""
+    return (optimizer, dict(hyper, eps_mode="keras"), lambda m: keras_groups(m, **second),
+            lambda m: KerasAdam(keras_groups(m, **second), decoupled=optimizer == "adamw",
+                                **hyper), scheduler)
+
+
 ADAM_OPTIONS = dict(amsgrad=True, weight_decay=WD, maximize=True)
 ADAFACTOR_OPTIONS = dict(weight_decay=WD, maximize=True)
 
@@ -164,6 +182,14 @@ CASES = {
                        lambda m: decaying_groups(m),
                        lambda m: lion_pytorch.Lion(decaying_groups(m), lr=LR, betas=(0.95, 0.98),
                                                    decoupled_weight_decay=True), step_lr),
+    # ---- Keras's ε̂ (eps_mode="keras"): amsgrad, maximize and weight decay in some group ----
+    "adamw-keras-eps1e-3": keras_case("adamw", dict(lr=LR, eps=1e-3), {"maximize": True}, cosine),
+    "adamw-keras-eps1e-7-amsgrad": keras_case("adamw", dict(lr=LR, eps=1e-7, amsgrad=True), {},
+                                              step_lr),
+    "adam-keras-eps1e-3-amsgrad": keras_case("adam", dict(lr=LR, eps=1e-3),
+                                             {"amsgrad": True, "maximize": True}, one_cycle),
+    "adam-keras-eps1e-7": keras_case("adam", dict(lr=LR, eps=1e-7, betas=(0.9, 0.99)), {},
+                                     cosine),
     # ---- the classes themselves, with their own arguments and defaults ----
     **complements(torch.optim.AdamW, ADAM_OPTIONS, LR, cosine),
     **complements(torch.optim.Adam, ADAM_OPTIONS, LR, one_cycle),
@@ -233,8 +259,7 @@ def test_matches_oracle(shard, case):
     train(theirs, ref, STEPS, batches, scheduler(ref) if scheduler else None)
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    peer = peer_class(type(ref))
-    if opt.info.name in (peer.optimizer, peer.variant and peer.variant[2]):   # the same state
+    if keeps_the_same_state(opt, ref):
         ours_state, ref_state = opt.state_dict()["state"], ref.state_dict()["state"]
         assert ours_state.keys() == ref_state.keys()
         for k in ref_state:
@@ -244,6 +269,15 @@ def test_matches_oracle(shard, case):
                 elif field == "step":
                     assert float(ours_state[k][field]) == float(value)
     opt.close()
+
+
+def keeps_the_same_state(opt, ref) -> bool:
+    """Whether the oracle keeps the job's state under the same names: a class of the same
+    registry entry, or Keras (whose state tests/keras_oracle.py names as torch does)."""
+    if isinstance(ref, KerasAdam):
+        return True
+    peer = peer_class(type(ref))
+    return opt.info.name in (peer.optimizer, peer.variant and peer.variant[2])
 
 
 def test_two_shards_match_oracle(shards):

@@ -3,7 +3,8 @@ against an independent oracle, one tensor at a time, and the reference backend
 (kernels/reference.py) over a job's flat buffers.
 
 Oracles (docs/optimizers.md, "Oracles"):
-- torch.optim.AdamW / torch.optim.Adam (for-loop implementation, float32);
+- torch.optim.AdamW / torch.optim.Adam (for-loop implementation, float32), and
+  keras.optimizers.AdamW / Adam for eps_mode="keras" (tests/keras_oracle.py);
 - adamp.AdamP 0.3.0 (the normative AdamP code);
 - transformers.optimization.Adafactor (paper/fairseq semantics) for `adafactor`, and
   torch.optim.Adafactor, its own rule, for `torch_adafactor`;
@@ -23,8 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from optserve.kernels import (DecayMode, FlatLayout, FlatState, Hyper, Report, adafactor, adam,
-                              adamp, lion, torch_adafactor)
+from keras_oracle import KerasAdam
+from optserve.kernels import (DecayMode, EpsMode, FlatLayout, FlatState, Hyper, Report, adafactor,
+                              adam, adamp, lion, torch_adafactor)
 from optserve.kernels import reference
 from optserve.kernels.registry import KERNELS
 from optserve.proto.optimizers import REGISTRY, group_to_proto
@@ -258,6 +260,63 @@ def test_amsgrad_matches_torch(case):
         fn(plain, _shrinking_grad(rng, shape, t), st, step=t, lr=SCHEDULES[sched](lr0, t),
            beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=wd, maximize=maximize)
     assert not np.allclose(plain, p_r, rtol=1e-4, atol=1e-5)
+
+
+KERAS_CASES = [
+    # id, optimizer, shape, lr0, betas, ε̂, weight decay, amsgrad, maximize, schedule
+    ("adamw-eps1e-3-2d", "adamw", (16, 24), 1e-2, (0.9, 0.999), 1e-3, 0.1, False, False, "cosine"),
+    ("adamw-eps1e-7-amsgrad-4d", "adamw", (8, 4, 3, 3), 1e-2, (0.9, 0.95), 1e-7, 0.1, True, False,
+     "step"),
+    ("adamw-maximize-1d", "adamw", (37,), 3e-3, (0.8, 0.99), 1e-3, 0.0, False, True, "constant"),
+    ("adam-l2-eps1e-3-3d", "adam", (6, 8, 10), 1e-2, (0.9, 0.999), 1e-3, 0.1, False, False,
+     "cosine"),
+    ("adam-l2-amsgrad-maximize-0d", "adam", (), 1e-2, (0.9, 0.95), 1e-3, 0.1, True, True,
+     "constant"),
+    ("adam-eps1e-7-24x1", "adam", (24, 1), 1e-2, (0.9, 0.95), 1e-7, 0.0, False, False, "step"),
+]
+
+
+def _small_shrinking_grad(rng, shape, t):
+    """A gradient of scale 1e-3 falling to 1e-4: small enough that ε̂ = 1e-7 weighs on √v
+    (so the two placements of ε part), and falling, so that AMSGrad's maximum decides."""
+    return np.asarray(_randn(rng, shape) * np.float32(1e-3 * 10 ** (-(t - 1) / STEPS)), np.float32)
+
+
+def _keras_run(case, eps_mode, oracle=None):
+    """The reference's θ and state after STEPS steps of `case` with `eps_mode`, compared after
+    every step with `oracle` (a KerasAdam of the same parameter) where there is one."""
+    _, optimizer, shape, lr0, (b1, b2), eps, wd, amsgrad, maximize, sched = case
+    rng = _rng(2700 + KERAS_CASES.index(case))
+    p_t, p_r = _new_param(rng, shape)
+    if oracle:
+        opt = oracle([p_t], decoupled=optimizer == "adamw", lr=lr0, betas=(b1, b2), eps=eps,
+                     weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    st = {k: np.zeros(shape, np.float32) for k in names}
+    fn = adam.adamw if optimizer == "adamw" else adam.adam
+    for t in range(1, STEPS + 1):
+        lr_t = SCHEDULES[sched](lr0, t)
+        g_r = _feed(p_t, _small_shrinking_grad(rng, shape, t))
+        fn(p_r, g_r, st, step=t, lr=lr_t, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+           maximize=maximize, amsgrad=amsgrad, eps_mode=eps_mode)
+        if oracle:
+            opt.param_groups[0]["lr"] = lr_t
+            opt.step()
+            _close(p_r, p_t, f"param after step {t}")
+            _compare_state(st, opt.state[p_t], names, t)
+    return p_r, st
+
+
+@pytest.mark.parametrize("case", KERAS_CASES, ids=[c[0] for c in KERAS_CASES])
+def test_keras_eps_matches_keras(case):
+    """eps_mode="keras": θ ← θ − α_t·m/(√v̄ + ε̂), α_t = lr·√bc2/bc1, against Keras's own
+    AdamW and Adam (weight decay, amsgrad and maximize as torch's); and the run is not the
+    one torch's placement of the same ε takes."""
+    keras_p, keras_st = _keras_run(case, EpsMode.KERAS, KerasAdam)
+    torch_p, _ = _keras_run(case, EpsMode.TORCH)
+    assert not np.allclose(keras_p, torch_p, rtol=RTOL, atol=ATOL)   # what the oracle would catch
+    if case[7]:   # amsgrad: the maximum decided the last steps
+        assert (keras_st["max_exp_avg_sq"] > keras_st["exp_avg_sq"]).all()
 
 
 # ----------------------------------------------------------------------------- AdamP
@@ -669,6 +728,22 @@ def test_registered_adamw_schedule_mode_matches_torch():
         h = _hyper("adamw", lr=lr_t, weight_decay=wd, weight_decay_mode="schedule", initial_lr=lr0)
         assert KERNELS["adamw"].reference(p_r, g_r, st, t, h.at(0)) == {}
         _close(p_r, p_t, f"param after step {t}")
+
+
+def test_registered_keras_eps_matches_keras():
+    """The records' references take eps_mode from the wire form."""
+    shape, lr, wd = (16, 24), 1e-2, 0.1
+    for optimizer in ("adamw", "adam"):
+        rng = _rng(6002)
+        p_t, p_r = _new_param(rng, shape)
+        opt = KerasAdam([p_t], decoupled=optimizer == "adamw", lr=lr, eps=1e-3, weight_decay=wd)
+        st = {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32)}
+        h = _hyper(optimizer, lr=lr, eps=1e-3, weight_decay=wd, eps_mode="keras")
+        for t in range(1, 21):
+            g_r = _feed(p_t, _small_shrinking_grad(rng, shape, t))
+            opt.step()
+            assert KERNELS[optimizer].reference(p_r, g_r, st, t, h.at(0)) == {}
+            _close(p_r, p_t, f"{optimizer}: param after step {t}")
 
 
 def test_registered_adafactor_matches_transformers():

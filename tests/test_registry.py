@@ -142,6 +142,8 @@ def _remote(cls, **kwargs):
     (hf.Adafactor, {"maximize": True}, r"transformers.optimization.Adafactor got unexpected .* 'maximize'"),
     (adamp.AdamP, {"amsgrad": True}, r"adamp.AdamP got unexpected keyword argument 'amsgrad'"),
     (lion_pytorch.Lion, {"maximize": True}, r"'maximize' is optserve's own: pass optimizer='lion'"),
+    (torch.optim.Adam, {"eps_mode": "keras"},
+     r"'eps_mode' is optserve's own: pass optimizer='adam'"),
     (torch.optim.SGD, {}, r"optserve does not run torch.optim.sgd.SGD; it runs adamp.AdamP, "),
 ])
 def test_a_class_refuses_what_it_does_not_take_by_name(cls, kwargs, message):
@@ -152,6 +154,8 @@ def test_a_class_refuses_what_it_does_not_take_by_name(cls, kwargs, message):
 @pytest.mark.parametrize("optimizer,group,message", [
     ("adamp", {"maximize": True}, "adamp has no maximize"),
     ("adamp", {"amsgrad": True}, "adamp has no amsgrad"),
+    ("adamp", {"eps_mode": "keras"}, "adamp has no eps_mode"),
+    ("adamw", {"eps_mode": "tf"}, r"eps_mode must be one of \['keras', 'torch'\], got 'tf'"),
     ("adafactor", {"maximize": True}, "adafactor has no maximize"),
     ("adam", {"decoupled_weight_decay": True}, "decoupled_weight_decay=True in a group of an adam job"),
     ("torch_adafactor", {"d": 0.5}, r"d must be >= 1"),

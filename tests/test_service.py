@@ -88,8 +88,9 @@ def test_demo_compare_shows_adamp_keeping_scale_invariant_norms_flat(tmp_path):
     """The science demo, short, as a user runs it: on conv weights followed by BatchNorm,
     AdamP's projection keeps the norm from growing the way Adam+L2's does, so its effective
     step is larger than AdamW's; Adafactor's factored state and Lion's one buffer are smaller
-    than Adam's two. The plot goes where it says, in the temporary directory by default, and
-    nothing else is left there."""
+    than Adam's two; at ε = 1e-3, torch's placement of ε takes a first step several times
+    Keras's. The plot goes where it says, in the temporary directory by default, and nothing
+    else is left there."""
     import re
     from optserve import compare
     tmp = tmp_path / "tmp"
@@ -112,6 +113,10 @@ def test_demo_compare_shows_adamp_keeping_scale_invariant_norms_flat(tmp_path):
     assert state["AdamW"] == state["AdamP"] == 8 * n       # exp_avg and exp_avg_sq, float32
     assert state["Lion"] == 4 * n                          # exp_avg only
     assert state["Adafactor"] < state["AdamW"] / 4
+    eps = {m.group(1): [float(v) for v in m.group(2).split()] for m in re.finditer(
+        r"^  (torch ε|Keras ε̂) +((?:[\d.e+-]+ +)+)[\d.]+$", proc.stdout, re.M)}
+    assert list(eps) == list(compare.EPS_RUNS), proc.stdout
+    assert eps["torch ε"][0] > 2 * eps["Keras ε̂"][0], eps   # the effective step at step 1
     (plot,) = re.findall(r"^plot: (.+)$", proc.stdout, re.M)
     assert pathlib.Path(plot) == tmp / "optserve" / "compare.png"
     assert pathlib.Path(plot).stat().st_size > 10_000
@@ -123,13 +128,16 @@ def demo_model():
     return make_model()
 
 
-def test_the_compare_plot_draws_every_run_in_both_panels(tmp_path):
-    from optserve.compare import RUNS, plot
-    runs = [dict(label=label, start_norm=1.0, norms=[1.0 + k * i / 100 for i in range(1, 31)],
-                 angles=[0.01 / (k + 1)] * 30) for k, label in enumerate(RUNS)]
-    figure = plot(runs, tmp_path / "compare.png")
-    for axes in figure.axes:
-        assert [line.get_label() for line in axes.get_lines()] == list(RUNS)
+def test_the_compare_plot_draws_every_run_in_its_panels(tmp_path):
+    from optserve.compare import EPS_RUNS, RUNS, plot
+
+    def runs(labels):
+        return [dict(label=label, start_norm=1.0, norms=[1.0 + k * i / 100 for i in range(1, 31)],
+                     angles=[0.01 / (k + 1)] * 30) for k, label in enumerate(labels)]
+
+    figure = plot(runs(RUNS), runs(EPS_RUNS), tmp_path / "compare.png")
+    drawn = [[line.get_label() for line in axes.get_lines()] for axes in figure.axes]
+    assert drawn == [list(RUNS), list(RUNS), list(EPS_RUNS)]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers.optimization as hf
 
+from keras_oracle import KerasAdam
 from models import make_data, make_model, param_groups, train
 from optserve.client import RemoteOptimizer
 
@@ -110,6 +111,39 @@ def test_a_state_dict_that_does_not_fit_the_job_is_refused(shard):
         ours.load_state_dict(other.state_dict())
     opt.close()
     ours.close()
+
+
+def test_keras_eps_state_dict_says_so_and_no_torch_eps_job_takes_it(shard):
+    """Keras's AdamW (tests/keras_oracle.py, its state under torch's names) -> an
+    eps_mode="keras" job, which continues as Keras does from the step counts it loaded. Its own
+    state dict says eps_mode="keras" in every group, and a job with torch's ε, by class or by
+    name, refuses it (torch.optim.AdamW itself would take it and ignore the key)."""
+    local, remote, reference = make_model(), make_model(), make_model()
+    hyper = dict(lr=1e-2, eps=1e-3, weight_decay=0.1)
+    theirs = KerasAdam(param_groups(local, 0.1), decoupled=True, **hyper)
+    ref = KerasAdam(param_groups(reference, 0.1), decoupled=True, **hyper)
+    train(local, theirs, 8, lambda _: make_data(0))
+    train(reference, ref, 8, lambda _: make_data(0))
+    remote.load_state_dict(local.state_dict())
+    opt = RemoteOptimizer(param_groups(remote, 0.1), "adamw", servers=[shard.address],
+                          job="sd-keras", eps_mode="keras", **hyper)
+    opt.load_state_dict(theirs.state_dict())
+    train(remote, opt, 8, lambda _: make_data(2))
+    train(reference, ref, 8, lambda _: make_data(2))
+    assert_same_params(remote, reference)
+
+    sd = opt.state_dict()
+    assert [g["eps_mode"] for g in sd["param_groups"]] == ["keras", "keras"]
+    assert float(sd["state"][0]["step"]) == 16
+    for k, optimizer in enumerate((torch.optim.AdamW, "adamw")):
+        torch_eps = RemoteOptimizer(param_groups(make_model(), 0.1), optimizer,
+                                    servers=[shard.address], job=f"sd-torch-eps-{k}", **hyper)
+        with pytest.raises(ValueError, match=r"group 0 has \{'eps_mode': 'keras'\}, the job was "
+                                             r"registered with \{'eps_mode': 'torch'\}"):
+            torch_eps.load_state_dict(sd)
+        assert torch_eps.param_groups[0]["eps_mode"] == "torch"   # left as it was
+        torch_eps.close()
+    opt.close()
 
 
 def test_adamp_state_dict_loads_into_adamp_package(shard):

@@ -3,7 +3,9 @@
 //   theta <- theta*decay   (AdamW: decay_factor(mode) = 1 - lr*wd | 1 - (lr/lr0)*wd | 1 - wd)
 //   m <- m + (1-b1)(g - m);  v <- b2*v + (1-b2)*g^2
 //   amsgrad: vmax <- max(vmax, v), and vmax in place of v below
-//   theta <- theta - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+//   theta <- theta - step * m / (sqrt(v)/sbc2 + eps)
+// with step = lr/bc1 and sbc2 = sqrt(bc2) (torch's eps), or under eps_mode "keras"
+// step = lr*sqrt(bc2)/bc1 and sbc2 = 1 (Keras's eps hat on the raw sqrt(v); /1 is exact).
 // decay is 1 unless decoupled decay is on (theta*1 is exact).
 #include "adam.cuh"
 
@@ -14,7 +16,7 @@ struct AdamCoef {
     double l2_on, l2;            // Adam: g <- g + l2*theta
     double decay;                // AdamW: the decoupled decay factor
     double c1, b2, c2;           // 1 - b1, b2, 1 - b2
-    double sbc2, eps, step;      // sqrt(1 - b2^t), eps, lr / (1 - b1^t)
+    double sbc2, eps, step;      // sqrt(1 - b2^t), eps, lr / (1 - b1^t); keras: 1, eps, lr*sbc2/bc1
     double amsgrad;              // 1: keep max_exp_avg_sq (at tinfo.vm) and divide by it
 };
 

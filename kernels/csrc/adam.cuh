@@ -9,7 +9,8 @@ __device__ __forceinline__ void adam_moments(float g, float& m, float& v, float 
     v = v + c2 * (g * g);
 }
 
-// sqrt(v)/sqrt(bc2) + eps: eps after the bias-corrected square root, as torch.
+// sqrt(v)/sbc2 + eps: eps after the bias-corrected square root, as torch (sbc2 = sqrt(bc2)),
+// or Keras's eps hat on the raw square root (sbc2 = 1; kernels/adam.py bias_corrections).
 __device__ __forceinline__ float adam_denom(float v, float sbc2, float eps) {
     return sqrtf(v) / sbc2 + eps;
 }

@@ -20,6 +20,11 @@ class WeightDecayMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WEIGHT_DECAY_SCHEDULE: _ClassVar[WeightDecayMode]
     WEIGHT_DECAY_FIXED: _ClassVar[WeightDecayMode]
 
+class EpsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EPS_TORCH: _ClassVar[EpsMode]
+    EPS_KERAS: _ClassVar[EpsMode]
+
 class ConsistencyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SYNC: _ClassVar[ConsistencyMode]
@@ -36,13 +41,15 @@ FLOAT16: DType
 WEIGHT_DECAY_LR: WeightDecayMode
 WEIGHT_DECAY_SCHEDULE: WeightDecayMode
 WEIGHT_DECAY_FIXED: WeightDecayMode
+EPS_TORCH: EpsMode
+EPS_KERAS: EpsMode
 SYNC: ConsistencyMode
 ASYNC: ConsistencyMode
 NONFINITE_REFUSE: NonFinitePolicy
 NONFINITE_SKIP: NonFinitePolicy
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "weight_decay_mode", "initial_lr", "maximize", "amsgrad", "delta", "wd_ratio", "nesterov", "eps2", "clip_threshold", "decay_rate", "adafactor_beta1", "scale_parameter", "relative_step", "warmup_init")
+    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "weight_decay_mode", "initial_lr", "maximize", "amsgrad", "delta", "wd_ratio", "nesterov", "eps2", "clip_threshold", "decay_rate", "adafactor_beta1", "scale_parameter", "relative_step", "warmup_init", "eps_mode")
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +69,7 @@ class Hyperparameters(_message.Message):
     SCALE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_STEP_FIELD_NUMBER: _ClassVar[int]
     WARMUP_INIT_FIELD_NUMBER: _ClassVar[int]
+    EPS_MODE_FIELD_NUMBER: _ClassVar[int]
     lr: float
     beta1: float
     beta2: float
@@ -81,7 +89,8 @@ class Hyperparameters(_message.Message):
     scale_parameter: bool
     relative_step: bool
     warmup_init: bool
-    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., weight_decay_mode: _Optional[_Union[WeightDecayMode, str]] = ..., initial_lr: _Optional[float] = ..., maximize: _Optional[bool] = ..., amsgrad: _Optional[bool] = ..., delta: _Optional[float] = ..., wd_ratio: _Optional[float] = ..., nesterov: _Optional[bool] = ..., eps2: _Optional[float] = ..., clip_threshold: _Optional[float] = ..., decay_rate: _Optional[float] = ..., adafactor_beta1: _Optional[float] = ..., scale_parameter: _Optional[bool] = ..., relative_step: _Optional[bool] = ..., warmup_init: _Optional[bool] = ...) -> None: ...
+    eps_mode: EpsMode
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., weight_decay_mode: _Optional[_Union[WeightDecayMode, str]] = ..., initial_lr: _Optional[float] = ..., maximize: _Optional[bool] = ..., amsgrad: _Optional[bool] = ..., delta: _Optional[float] = ..., wd_ratio: _Optional[float] = ..., nesterov: _Optional[bool] = ..., eps2: _Optional[float] = ..., clip_threshold: _Optional[float] = ..., decay_rate: _Optional[float] = ..., adafactor_beta1: _Optional[float] = ..., scale_parameter: _Optional[bool] = ..., relative_step: _Optional[bool] = ..., warmup_init: _Optional[bool] = ..., eps_mode: _Optional[_Union[EpsMode, str]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "group")
