@@ -42,6 +42,7 @@ def _server(args: argparse.Namespace) -> int:
                           max_shards=args.max_shards,
                           max_tensors=args.max_tensors or most_tensors(),
                           max_inflight_bytes=args.max_inflight_bytes,
+                          inflight_wait=args.inflight_wait,
                           shared_memory=args.shared_memory,
                           max_shared_memory_bytes=(args.max_shared_memory_bytes
                                                    or quarter_of_memory())))
@@ -255,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-shared-memory-bytes", type=_positive, default=None,
                         help="bytes all workers' shared-memory segments may hold; a worker "
                              "beyond it steps over gRPC (default: a quarter of RAM)")
+    server.add_argument("--inflight-wait", type=_positive_float, default=30.0,
+                        help="seconds a call waits for room under --max-inflight-bytes (the "
+                             "workers of a large job register at once) before "
+                             "RESOURCE_EXHAUSTED")
     server.add_argument("--max-rpcs", type=_positive, default=4096,
                         help="calls open at once; beyond it RESOURCE_EXHAUSTED")
     server.add_argument("--idle-timeout", type=_positive_float, default=60.0,

@@ -109,7 +109,8 @@ class ShardServer:
         self.server = grpc.aio.server(options=[*GRPC_OPTIONS, *config.channel_options()],
                                       interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_rpcs)
-        budget = Budget(config.limits.max_inflight_bytes, self.metrics.inflight.set)
+        budget = Budget(config.limits.max_inflight_bytes, self.metrics.inflight.set,
+                        config.limits.inflight_wait)
         add_servicer(OptimizerServicer(self.store, Streams(config.idle_timeout), budget),
                      self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -53,6 +53,7 @@ class Limits:
     max_tensors: int = field(default_factory=most_tensors)
     # what calls hold in flight outside the state (server/budget.py); one may exceed it alone
     max_inflight_bytes: int = 1 << 30
+    inflight_wait: float = 30.0          # seconds a call waits for room under it
     # shared-memory segments for workers on the shard's host (server/segments.py), over all jobs
     shared_memory: bool = True
     max_shared_memory_bytes: int = field(default_factory=quarter_of_memory)

@@ -130,7 +130,7 @@ class OptimizerServicer:
         header, body = await self._split(requests, "RegisterJob")
         nbytes = await offload(self.store.registration_bytes, header)
         what = f"job {header.spec.job!r} initial parameters"
-        with self.budget.hold(nbytes, what):
+        async with self.budget.hold(nbytes, what):
             raw = await self._assemble(body, nbytes, what)
             return await offload(self.store.register, header, raw)
 
@@ -150,15 +150,15 @@ class OptimizerServicer:
     async def StepShared(self, request, context):
         if not request.shared_memory_key:
             raise InvalidArgument("StepShared: no shared_memory_key (the worker's segment)")
-        answer = []
 
         async def send(result: Result, segment: Segment) -> None:
-            await result.into(segment.reply)
-            answer.append(result.header())
-            answer[0].shared_memory = True
-            answer[0].in_rounds_segment = result.in_rounds_segment
+            header = result.header()
+            header.shared_memory, header.in_rounds_segment = True, result.in_rounds_segment
+            async for ready in result.ready_in(segment.reply):
+                header.ready_bytes = ready
+                await self._write(context, [header])
+                header = pb.TensorHeader()   # after the first, only how far it is
         await self.store.step(request, _no_chunks(), send)
-        return answer[0]
 
     @translate_errors
     async def AttachSharedMemory(self, request, context):
@@ -167,7 +167,7 @@ class OptimizerServicer:
     @translate_errors
     async def PullParameters(self, request, context):
         job = self.store.job(request.job)
-        with self.budget.hold(4 * job.layout.numel, f"job {job.name!r} parameters"):
+        async with self.budget.hold(4 * job.layout.numel, f"job {job.name!r} parameters"):
             result = await offload(job.pull)
             await self._write(context, [pb.TensorStream(header=result.header())])
             await self._write(context, result.chunks())
@@ -175,7 +175,7 @@ class OptimizerServicer:
     @translate_errors
     async def GetOptimizerState(self, request, context):
         job = self.store.job(request.job)
-        with self.budget.hold(job.layout.state_bytes(), f"job {job.name!r} optimizer state"):
+        async with self.budget.hold(job.layout.state_bytes(), f"job {job.name!r} optimizer state"):
             header, payload = await offload(job.get_state)
             await self._write(context, [pb.StateStream(header=header), *chunked(payload)])
 
@@ -185,7 +185,7 @@ class OptimizerServicer:
         job = self.store.job(header.job)
         nbytes = await offload(job.state_upload_bytes, header)
         what = f"job {job.name!r} optimizer state"
-        with self.budget.hold(nbytes, what):
+        async with self.budget.hold(nbytes, what):
             raw = await self._assemble(body, nbytes, what)
             version = await offload(job.set_state, header, raw)
         return pb.SetOptimizerStateResponse(version=version)

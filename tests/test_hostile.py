@@ -191,7 +191,7 @@ def test_a_hung_upload_ends_after_the_idle_timeout_and_frees_its_worker(never):
 def test_stalled_state_readers_are_bounded_by_the_inflight_budget():
     """Readers that take nothing hold their payload; past --max-inflight-bytes the next is
     refused before it allocates, and the budget frees when a reader goes."""
-    limits = Limits(max_inflight_bytes=24 << 20)
+    limits = Limits(max_inflight_bytes=24 << 20, inflight_wait=0.5)
     with ShardServer(ShardConfig(port=0, device=DEVICE, limits=limits)).start() as server:
         model = torch.nn.Linear(1024, 1024)                  # ~4 MB of parameters, 8 MB of state
         opt = RemoteOptimizer(model.parameters(), "adamw", servers=[server.address], job="big")
@@ -224,4 +224,29 @@ def test_stalled_state_readers_are_bounded_by_the_inflight_budget():
             opt.state_dict()                 # reads again once the stalled readers are gone
         finally:
             channel.close()
+            opt.close()
+
+
+def test_workers_of_a_large_job_register_at_once_within_the_inflight_budget():
+    """Each worker's registration uploads the parameters: four at once need more than the
+    budget, and wait for room instead of failing (torchrun starts them together)."""
+    limits = Limits(max_inflight_bytes=10 << 20)             # room for two 4 MB uploads
+    with ShardServer(ShardConfig(port=0, device=DEVICE, limits=limits)).start() as server:
+        errors, opts = [], []
+
+        def register(rank: int) -> None:
+            try:
+                opts.append(RemoteOptimizer(torch.nn.Linear(1024, 1024).parameters(), "adamw",
+                                            servers=[server.address], job="wide", rank=rank,
+                                            world_size=4))
+            except Exception as e:   # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=register, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert len(opts) == 4
+        for opt in opts:
             opt.close()
