@@ -94,26 +94,18 @@ class WriteBack(Assembler):
     def __init__(self, total_bytes: int, targets: list[torch.Tensor], buf: np.ndarray,
                  wire: torch.dtype):
         super().__init__(total_bytes, "shard reply", out=buf)
-        self.filler = Filler(targets, torch.from_numpy(buf).view(wire))
-
-    def _land(self, data: np.ndarray) -> None:
-        super()._land(data)
-        self.filler.fill_to((self.filled + len(data)) // self.filler.itemsize)
-
-
-class Filler:
-    """Writes `values` (the reply's parameters back to back, in the wire dtype) into their
-    tensors as far as they have arrived, each value once."""
-
-    def __init__(self, targets: list[torch.Tensor], values: torch.Tensor):
-        self.values = values
-        self.itemsize = values.element_size()
+        self.values = torch.from_numpy(buf).view(wire)
+        self.itemsize = self.values.element_size()
         self.targets = targets
         self.ends = list(itertools.accumulate(p.numel() for p in targets))
         self.k = 0          # the first tensor not yet written whole
         self.written = 0    # values written back so far
 
-    def fill_to(self, end: int) -> None:
+    def _land(self, data: np.ndarray) -> None:
+        super()._land(data)
+        self._write_up_to((self.filled + len(data)) // self.itemsize)
+
+    def _write_up_to(self, end: int) -> None:
         """Writes the values before `end` that are not yet in their tensors."""
         while self.k < len(self.targets):
             p, stop = self.targets[self.k], self.ends[self.k]

@@ -12,7 +12,7 @@ import os
 import grpc
 import torch
 
-from optserve.client.payloads import TORCH_WIRE, Filler, check_reply
+from optserve.client.payloads import TORCH_WIRE, check_reply
 from optserve.proto.errors import OptserveError
 from optserve.proto.shared_memory import KEY_BYTES, map_fd
 from optserve.proto.v1 import optserve_pb2 as pb
@@ -70,31 +70,20 @@ class Segment:
         for t in tensors:
             self.slots[t].copy_(params[t].grad.detach().reshape(-1))
 
-    def receive(self, stream, params: list[torch.Tensor]) -> pb.TensorHeader:
-        """Reads a StepShared's answer: its header, then how far the parameters are in the
-        reply region, each part copied into the parameters while the shard writes the next."""
-        it = iter(stream)
-        header = next(it, None)
-        region = None if header is None else (self.rounds if header.in_rounds_segment else self.reply)
-        if region is None or not header.shared_memory:
+    def receive(self, header: pb.TensorHeader, params: list[torch.Tensor]) -> pb.TensorHeader:
+        """Copies a StepShared's answer, which lies in a reply region, into the parameters."""
+        region = self.rounds if header.in_rounds_segment else self.reply
+        if not header.shared_memory or region is None:
             raise OptserveError("the shard's answer to StepShared does not point into a segment")
         targets = check_reply(header, self.tensors, params)
-        total = header.total_bytes
-        if total > len(region):
-            raise OptserveError(f"the shard's reply of {total} bytes overruns the segment's "
-                                f"{len(region)}")
-        filler = Filler(targets, region[:total].view(TORCH_WIRE[header.dtype]))
-        ready = header.ready_bytes
-        while True:
-            if ready > total:
-                raise OptserveError(f"the shard announces {ready} bytes of a {total}-byte reply")
-            filler.fill_to(ready // filler.itemsize)
-            update = next(it, None)
-            if update is None:
-                break
-            ready = max(ready, update.ready_bytes)
-        if ready != total:
-            raise OptserveError(f"the shard's answer ended with {ready} of {total} bytes written")
+        if header.total_bytes > len(region):
+            raise OptserveError(f"the shard's reply of {header.total_bytes} bytes overruns the "
+                                f"segment's {len(region)}")
+        values = region[:header.total_bytes].view(TORCH_WIRE[header.dtype])
+        start = 0
+        for p in targets:
+            p.data.copy_(values[start:start + p.numel()].view(p.shape))
+            start += p.numel()
         return header
 
     def close(self) -> None:

@@ -59,24 +59,6 @@ class Progress:
             await changed.wait(None)
         written.wait()
 
-    async def ends(self, nbytes: int) -> AsyncIterator[int]:
-        """How far the payload is written, each time it moves on, up to `nbytes`; raises
-        if the step fails first."""
-        seen = 0
-        while True:
-            with self._cond:
-                fresh, error, changed = self._written[seen:], self._error, self._changed
-            for written in fresh:
-                written.wait()
-                yield written.end
-                if written.end >= nbytes:
-                    return
-            seen += len(fresh)
-            if not fresh:
-                if error is not None:
-                    raise RuntimeError(f"the step failed before its reply was written: {error!r}")
-                await changed.wait(None)
-
     def _ready(self) -> int:
         return self._written[-1].end if self._written else 0
 
@@ -100,21 +82,14 @@ class Result:
                                drop_reason=self.dropped.value if self.dropped else "",
                                last_step=self.last_step)
 
-    async def ready_in(self, region: np.ndarray) -> AsyncIterator[int]:
-        """How much of the payload is in `region` (a worker's segment) or the rounds
-        segment, each time it grows. A payload the step writes there is announced part by
-        part as the step goes; any other is copied into `region` once it is whole."""
+    async def into(self, region: np.ndarray) -> None:
+        """Puts the payload into `region` (a worker's segment) once the step has written
+        all of it; a payload the step wrote there, or into the rounds segment, stays."""
         n = len(self.payload)
-        if n and (self.in_rounds_segment or self.payload.ctypes.data == region.ctypes.data):
-            if self.progress is not None:
-                async for end in self.progress.ends(n):
-                    yield end
-                return
-        elif n:
-            if self.progress is not None:
-                await self.progress.wait(n)
+        if self.progress is not None and n:
+            await self.progress.wait(n)
+        if n and not self.in_rounds_segment and self.payload.ctypes.data != region.ctypes.data:
             await offload(np.copyto, region[:n], self.payload)
-        yield n
 
     async def chunks(self) -> AsyncIterator[RawChunk]:
         """The payload in chunks, each as soon as the step has written it."""

@@ -150,15 +150,15 @@ class OptimizerServicer:
     async def StepShared(self, request, context):
         if not request.shared_memory_key:
             raise InvalidArgument("StepShared: no shared_memory_key (the worker's segment)")
+        answer = []
 
         async def send(result: Result, segment: Segment) -> None:
-            header = result.header()
-            header.shared_memory, header.in_rounds_segment = True, result.in_rounds_segment
-            async for ready in result.ready_in(segment.reply):
-                header.ready_bytes = ready
-                await self._write(context, [header])
-                header = pb.TensorHeader()   # after the first, only how far it is
+            await result.into(segment.reply)
+            answer.append(result.header())
+            answer[0].shared_memory = True
+            answer[0].in_rounds_segment = result.in_rounds_segment
         await self.store.step(request, _no_chunks(), send)
+        return answer[0]
 
     @translate_errors
     async def AttachSharedMemory(self, request, context):

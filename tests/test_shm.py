@@ -196,8 +196,8 @@ def _write_gradient(opt, values: np.ndarray) -> None:
 
 def test_a_step_with_a_wrong_key_is_refused(shm_job):
     opt, stub = shm_job
-    refused(stub, lambda: list(stub.StepShared(step_header(opt, session=opt._session,
-                                                           shared_memory_key=b"x" * 32))),
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session,
+                                                      shared_memory_key=b"x" * 32)),
             grpc.StatusCode.FAILED_PRECONDITION, "no shared-memory segment with this key")
 
 
@@ -208,7 +208,7 @@ def test_a_step_must_say_where_its_gradient_is(shm_job):
                                                       shared_memory_key=_key(opt)),
                                     np.zeros(n, "<f4").tobytes()),
             grpc.StatusCode.INVALID_ARGUMENT, "is a StepShared call")
-    refused(stub, lambda: list(stub.StepShared(step_header(opt, session=opt._session))),
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session)),
             grpc.StatusCode.INVALID_ARGUMENT, "no shared_memory_key")
 
 
@@ -217,8 +217,8 @@ def test_a_non_finite_gradient_in_the_segment_is_refused(shm_job):
     values = np.full(len(_gradient(opt)), 0.01, np.float32)
     values[17] = np.nan
     _write_gradient(opt, values)
-    refused(stub, lambda: list(stub.StepShared(step_header(opt, session=opt._session,
-                                                           shared_memory_key=_key(opt)))),
+    refused(stub, lambda: stub.StepShared(step_header(opt, session=opt._session,
+                                                      shared_memory_key=_key(opt))),
             grpc.StatusCode.INVALID_ARGUMENT, "non-finite gradient")
 
 
@@ -257,7 +257,7 @@ def test_a_retried_step_is_applied_once(shm_job):
     reference.load_state_dict(opt.state_dict())
     _write_gradient(opt, np.full(len(_gradient(opt)), 0.01, np.float32))
     header = step_header(opt, session=opt._session, shared_memory_key=_key(opt))
-    first, again = list(stub.StepShared(header))[0], list(stub.StepShared(header))[0]
+    first, again = stub.StepShared(header), stub.StepShared(header)
     assert first.version == again.version == opt._version[0] + 1
     assert first.shared_memory and again.shared_memory
     for p in params:

@@ -233,7 +233,7 @@ class StepResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step", "shared_memory", "in_rounds_segment", "ready_bytes")
+    __slots__ = ("version", "tensors", "total_bytes", "dtype", "dropped", "drop_reason", "last_step", "shared_memory", "in_rounds_segment")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -243,7 +243,6 @@ class TensorHeader(_message.Message):
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     IN_ROUNDS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    READY_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
@@ -253,8 +252,7 @@ class TensorHeader(_message.Message):
     last_step: int
     shared_memory: bool
     in_rounds_segment: bool
-    ready_bytes: int
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., in_rounds_segment: _Optional[bool] = ..., ready_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dropped: _Optional[bool] = ..., drop_reason: _Optional[str] = ..., last_step: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., in_rounds_segment: _Optional[bool] = ...) -> None: ...
 
 class AttachSharedMemoryRequest(_message.Message):
     __slots__ = ("job", "worker", "session")

@@ -49,7 +49,7 @@ class OptimizerStub:
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.FromString,
                 _registered_method=True)
-        self.StepShared = channel.unary_stream(
+        self.StepShared = channel.unary_unary(
                 '/optserve.v1.Optimizer/StepShared',
                 request_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepHeader.SerializeToString,
                 response_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.TensorHeader.FromString,
@@ -124,9 +124,8 @@ class OptimizerServicer:
 
     def StepShared(self, request, context):
         """Step for a worker with a segment: the header in (the gradient is in the segment), the
-        result header out (the parameters are in the segment), then how much of them is there
-        as the shard writes them, so that the worker copies each part while the shard steps
-        the next. One request message: a small step costs a fraction of a bidi stream's setup.
+        result header out (the parameters are in the segment). A unary call: it costs a
+        fraction of a stream's setup, which at this size is most of the step's time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,7 +200,7 @@ def add_OptimizerServicer_to_server(servicer, server):
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryRequest.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.AttachSharedMemoryResponse.SerializeToString,
             ),
-            'StepShared': grpc.unary_stream_rpc_method_handler(
+            'StepShared': grpc.unary_unary_rpc_method_handler(
                     servicer.StepShared,
                     request_deserializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.StepHeader.FromString,
                     response_serializer=optserve_dot_proto_dot_v1_dot_optserve__pb2.TensorHeader.SerializeToString,
@@ -344,7 +343,7 @@ class Optimizer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/optserve.v1.Optimizer/StepShared',
