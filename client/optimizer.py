@@ -315,9 +315,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     raise
                 # The shard no longer knows the segment (it restarted), or refused the step:
                 # attach again and send it once more, which refuses it again if it was wrong.
+                # A client that cannot attach (another holds its rank) gets the step's error.
                 log.info("job %r: shard %d refused a shared-memory step (%s); attaching again",
                          self.job, shard, e.details())
-                self._attach(shard)
+                try:
+                    self._attach(shard)
+                except grpc.RpcError:
+                    raise e from None
                 header.ClearField("shared_memory_key")
                 reply = (self._step_streamed(shard, header, tensors) if self._segments[shard] is None
                          else self._step_shared(shard, header, tensors))
