@@ -41,7 +41,7 @@ CUDA_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.
 # Run again with the steps on their gRPC streams: the first run takes shared memory wherever
 # a worker and its shard share this host (client/shm.py), which all of the tests' do.
 GRPC_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.py \
-	tests/test_errors.py tests/test_lifecycle.py tests/test_state_dict.py tests/test_stepper.py
+	tests/test_errors.py tests/test_stepper.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
