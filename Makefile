@@ -39,13 +39,15 @@ CUDA_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.
 	tests/test_lifecycle.py tests/test_metrics.py
 
 # Run again with the steps on their gRPC streams: the first run takes shared memory wherever
-# a worker and its shard share this host (client/shm.py), which all of the tests' do.
+# a worker and its shard share this host (client/shm.py), which all of the tests' do. The
+# steps taken in parts (whose replies stream while they step) are the gRPC-specific path; the
+# inline variants of the same tests run in the first pass.
 GRPC_SUITE := tests/test_oracles.py tests/test_cluster.py tests/test_checkpoint.py \
 	tests/test_errors.py tests/test_stepper.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
-	OPTSERVE_SHARED_MEMORY=0 $(PY) -m pytest -q $(GRPC_SUITE)
+	OPTSERVE_SHARED_MEMORY=0 $(PY) -m pytest -q $(GRPC_SUITE) -k "not inline"
 	OPTSERVE_TEST_DEVICE=cuda OPTSERVE_SHARED_MEMORY=0 $(PY) -m pytest -q $(CUDA_SUITE) tests/test_shm.py
 
 proto: $(VENV)/.installed
